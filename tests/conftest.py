@@ -1,0 +1,9 @@
+"""Test configuration: 8 simulated CPU devices for the sharding tests.
+
+XLA reads the flag when the backend starts, so it is set before anything imports jax.
+Single-device tests just run on device 0.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
