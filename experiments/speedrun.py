@@ -1,0 +1,362 @@
+"""The main job: train the reference workload with a baseline and with every jaxeff recipe.
+
+    python -m experiments.speedrun                    # all recipes, ~10 minutes on 2 CPU cores
+    python -m experiments.speedrun --quick            # 1-minute smoke run
+    python -m experiments.speedrun --recipes baseline,sophia --steps 400 --model small
+
+For each recipe it reports tokens and wall-clock to reach the baseline's final validation loss,
+the final validation loss, the bytes of parameters + optimizer state, and steps/s — as a table on
+stdout, ``summary.json`` and a PNG of validation loss against tokens, in ``runs/<timestamp>/``.
+
+A recipe is a module in ``experiments/recipes/`` that defines ``RECIPE = Recipe(name,
+description, run)``; ``run(ctx)`` returns a :class:`RecipeResult`, usually by calling
+``ctx.train(...)`` (one training segment with the standard data, evaluation and logging).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+import optax
+
+from jaxeff import data as jdata
+from jaxeff import schedules, train
+from jaxeff.models import llama
+from jaxeff.params.structured import materialize
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe protocol
+
+
+@dataclasses.dataclass
+class RecipeResult:
+    """What a recipe reports: eval history rows ``{'step','tokens','val_loss','wall_s'}``, the
+    training wall-clock (compilation included, evaluation excluded), steps/s, the bytes of the
+    trained parameters and optimizer state, and free-form extra numbers."""
+
+    history: list
+    wall_s: float
+    steps_per_s: float
+    param_bytes: int
+    opt_state_bytes: int
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    run: Callable[["SpeedrunContext"], RecipeResult]
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of all array leaves of a pytree (structured leaves count their stored factors)."""
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                   for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Context shared by all recipes
+
+
+@dataclasses.dataclass
+class SpeedrunContext:
+    """The workload: model config, data, schedule, evaluation, and a ``train`` helper."""
+
+    cfg: llama.LlamaConfig
+    steps: int
+    batch_size: int
+    seq_len: int
+    peak_lr: float
+    eval_every: int
+    eval_batches_n: int
+    out_dir: str
+    seed: int = 0
+    quick: bool = False
+    mesh: Any = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.tokenizer = jdata.ByteTokenizer()
+        if self.cfg.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model vocab_size={self.cfg.vocab_size} is smaller than the "
+                             f"tokenizer's {self.tokenizer.vocab_size}")
+        self.train_corpus = jdata.load_stdlib_corpus("train")
+        self.val_corpus = jdata.load_stdlib_corpus("validation")
+        self._eval = None
+
+    # -- data ------------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def train_data(self, corpus=None, seed: Optional[int] = None, **kw):
+        """An iterator of training batches (Grain; checkpointable)."""
+        ds = jdata.make_lm_dataset(self.train_corpus if corpus is None else corpus,
+                                   self.tokenizer, self.seq_len, self.batch_size,
+                                   seed=self.seed if seed is None else seed, **kw)
+        return iter(ds)
+
+    def eval_batches(self):
+        """The fixed validation batches (every 4th validation document, in order)."""
+        if self._eval is None:
+            docs = jdata.Corpus(list(self.val_corpus)[::4], "stdlib:validation/4")
+            self._eval = jdata.make_eval_batches(docs, self.tokenizer, self.seq_len,
+                                                 self.batch_size, max_batches=self.eval_batches_n)
+        return self._eval
+
+    # -- model and optimiser ---------------------------------------------------------------
+    def init_params(self, cfg: Optional[llama.LlamaConfig] = None, seed: Optional[int] = None):
+        return llama.init_params(jax.random.key(self.seed if seed is None else seed),
+                                 cfg or self.cfg)
+
+    def loss_fn(self, cfg: Optional[llama.LlamaConfig] = None, structured: bool = False):
+        """``(params, batch) -> (loss, aux)``; with ``structured`` the params are materialized
+        first (for structured-weight recipes)."""
+        cfg = cfg or self.cfg
+        if structured:
+            return lambda p, b: llama.loss_fn(materialize(p), b, cfg)
+        return lambda p, b: llama.loss_fn(p, b, cfg)
+
+    def schedule(self, peak_lr: Optional[float] = None, steps: Optional[int] = None,
+                 warmup: Optional[int] = None):
+        """The baseline's warmup-stable-decay schedule (10% warmup, 20% 1-sqrt cooldown)."""
+        steps = steps or self.steps
+        return schedules.wsd(peak_lr or self.peak_lr, total_steps=steps,
+                             warmup=max(1, steps // 10) if warmup is None else warmup,
+                             decay_fraction=0.2, shape="1-sqrt")
+
+    def adamw(self, peak_lr: Optional[float] = None, weight_decay: float = 0.1,
+              steps: Optional[int] = None):
+        """The baseline optimiser: clip 1.0, AdamW(0.9, 0.95) on the WSD schedule."""
+        return optax.chain(optax.clip_by_global_norm(1.0),
+                           optax.adamw(self.schedule(peak_lr, steps), b1=0.9, b2=0.95,
+                                       weight_decay=weight_decay))
+
+    # -- training --------------------------------------------------------------------------
+    def train(self, name: str, params, tx, *, steps: Optional[int] = None, loss_fn=None,
+              extra_args=None, metrics_fn=None, data=None, eval_params=None,
+              tokens_offset: int = 0, state=None, structured: bool = False) -> dict:
+        """One training segment; returns ``train.fit``'s result plus ``param_bytes`` and
+        ``opt_state_bytes``. ``structured`` materializes params for the loss and evaluation."""
+        steps = self.steps if steps is None else steps
+        loss_fn = loss_fn or self.loss_fn(structured=structured)
+        if eval_params is None:
+            eval_params = materialize if structured else (lambda p: p)
+        dense_loss = self.loss_fn()
+        state = state or train.init_train_state(params, tx, seed=self.seed)
+        step_fn = train.make_train_step(loss_fn, tx, extra_args=extra_args,
+                                        metrics_fn=metrics_fn, mesh=self.mesh)
+        res = train.fit(state, step_fn, data or self.train_data(), steps=steps,
+                        eval_fn=train.make_eval_fn(dense_loss), eval_batches=self.eval_batches,
+                        eval_every=self.eval_every, eval_params=eval_params,
+                        tokens_per_step=self.tokens_per_step, tokens_offset=tokens_offset,
+                        metrics_path=os.path.join(self.out_dir, f"{name}.jsonl"),
+                        progress=self.progress, desc=name)
+        res["param_bytes"] = tree_bytes(res["state"].params)
+        res["opt_state_bytes"] = tree_bytes(res["state"].opt_state)
+        return res
+
+    def result(self, res: dict, **extra) -> RecipeResult:
+        """Turn one ``train`` segment into a :class:`RecipeResult`."""
+        return RecipeResult(history=res["history"], wall_s=res["wall_s"],
+                            steps_per_s=res["steps_per_s"], param_bytes=res["param_bytes"],
+                            opt_state_bytes=res["opt_state_bytes"], extra=extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def reach(history: list, target: float) -> tuple[Optional[float], Optional[float]]:
+    """Tokens and wall-clock at which the validation loss first reaches ``target``, linearly
+    interpolated between evaluations (None if never reached)."""
+    prev = None
+    for row in history:
+        if row["val_loss"] <= target:
+            if prev is None or prev["val_loss"] == row["val_loss"]:
+                return float(row["tokens"]), float(row.get("wall_s", float("nan")))
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - row["val_loss"])
+            tok = prev["tokens"] + f * (row["tokens"] - prev["tokens"])
+            wall = prev.get("wall_s", 0.0) + f * (row.get("wall_s", 0.0) - prev.get("wall_s", 0.0))
+            return float(tok), float(wall)
+        prev = row
+    return None, None
+
+
+def summarize(results: dict[str, RecipeResult], baseline: str = "baseline") -> list[dict]:
+    base = results.get(baseline)
+    target = base.history[-1]["val_loss"] if base else None
+    b_tok, b_wall = reach(base.history, target) if base else (None, None)
+    base_bytes = (base.param_bytes + base.opt_state_bytes) if base else None
+    rows = []
+    for name, r in results.items():
+        tok, wall = reach(r.history, target) if target is not None else (None, None)
+        nbytes = r.param_bytes + r.opt_state_bytes
+        rows.append({
+            "recipe": name,
+            "final_val_loss": r.history[-1]["val_loss"] if r.history else float("nan"),
+            "tokens": r.history[-1]["tokens"] if r.history else 0,
+            "tokens_to_target": tok,
+            "tokens_ratio": (tok / b_tok) if tok and b_tok else None,
+            "wall_to_target_s": wall,
+            "wall_ratio": (wall / b_wall) if wall and b_wall else None,
+            "param_bytes": r.param_bytes, "opt_state_bytes": r.opt_state_bytes,
+            "bytes_ratio": nbytes / base_bytes if base_bytes else None,
+            "steps_per_s": r.steps_per_s, "wall_s": r.wall_s, "extra": r.extra,
+        })
+    return rows
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows: list[dict], target: Optional[float]) -> str:
+    head = (f"{'recipe':<14} {'final val':>9} {'tokens->target':>15} {'x base':>7} "
+            f"{'wall->target':>12} {'x base':>7} {'param+opt MB':>12} {'x base':>7} {'steps/s':>8}")
+    lines = [f"target = baseline final validation loss = {_fmt(target, '.4f')}", head,
+             "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['recipe']:<14} {r['final_val_loss']:>9.4f} {_fmt(r['tokens_to_target'], ',.0f'):>15} "
+            f"{_fmt(r['tokens_ratio'], '.2f'):>7} {_fmt(r['wall_to_target_s'], '.1f'):>12} "
+            f"{_fmt(r['wall_ratio'], '.2f'):>7} "
+            f"{(r['param_bytes'] + r['opt_state_bytes']) / 2**20:>12.2f} "
+            f"{_fmt(r['bytes_ratio'], '.2f'):>7} {r['steps_per_s']:>8.2f}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(results: dict[str, RecipeResult], path: str, target: Optional[float]):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        ax.plot([h["tokens"] for h in r.history], [h["val_loss"] for h in r.history],
+                marker="o", ms=3, label=name, lw=2.5 if name == "baseline" else 1.3)
+    if target is not None:
+        ax.axhline(target, color="k", ls=":", lw=0.8, label="baseline final")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("jaxeff speedrun")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def build_context(args) -> SpeedrunContext:
+    if args.model not in llama.PRESETS:
+        raise SystemExit(f"--model must be one of {sorted(llama.PRESETS)}; got {args.model!r}")
+    cfg = llama.PRESETS[args.model]
+    if args.quick:
+        steps, bs, seq, ev_every, ev_n = args.steps or 12, 4, 64, 6, 2
+    else:
+        steps, bs, seq, ev_every, ev_n = args.steps or 200, 16, 128, 25, 8
+    steps = max(int(steps), 1)
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq))
+    mesh = None
+    if args.mesh:
+        from jaxeff.sharding import make_mesh
+        mesh = make_mesh(args.mesh)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or os.path.join("runs", stamp)
+    os.makedirs(out, exist_ok=True)
+    return SpeedrunContext(cfg=cfg, steps=steps, batch_size=args.batch_size or bs,
+                           seq_len=args.seq_len or seq, peak_lr=args.lr,
+                           eval_every=max(1, min(ev_every, steps)), eval_batches_n=ev_n,
+                           out_dir=out, seed=args.seed, quick=args.quick, mesh=mesh,
+                           progress=not args.no_progress)
+
+
+def parse_args(argv=None):
+    from experiments.recipes import available
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default="all",
+                   help=f"comma-separated recipes or 'all' (available: {', '.join(available())})")
+    p.add_argument("--steps", type=int, default=None, help="training steps per recipe")
+    p.add_argument("--model", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=3e-3, help="baseline peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (needs that many devices)")
+    p.add_argument("--quick", action="store_true", help="1-minute smoke run")
+    p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    from experiments.recipes import available, load
+    args = parse_args(argv)
+    names = available() if args.recipes == "all" else [r.strip() for r in args.recipes.split(",")]
+    unknown = [n for n in names if n not in available()]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; available: {available()}")
+    if "baseline" in names:  # the baseline runs first: it sets the target
+        names = ["baseline"] + [n for n in names if n != "baseline"]
+    ctx = build_context(args)
+    print(f"jaxeff speedrun: model={args.model} ({llama.param_count(ctx.init_params()):,} params) "
+          f"steps={ctx.steps} batch={ctx.batch_size}x{ctx.seq_len} recipes={names} -> {ctx.out_dir}",
+          flush=True)
+    results, errors = {}, {}
+    t0 = time.perf_counter()
+    for n in names:
+        t = time.perf_counter()
+        try:
+            results[n] = load(n).run(ctx)
+        except Exception as e:  # a broken recipe is reported, and the job fails at the end
+            import traceback
+            traceback.print_exc()
+            errors[n] = f"{type(e).__name__}: {e}"
+        print(f"  {n}: done in {time.perf_counter() - t:.1f}s", flush=True)
+    target = results["baseline"].history[-1]["val_loss"] if "baseline" in results else None
+    rows = summarize(results)
+    table = print_table(rows, target)
+    plot(results, os.path.join(ctx.out_dir, "val_loss.png"), target)
+    summary = {
+        "command": " ".join(["python -m experiments.speedrun"] + (argv or sys.argv[1:])),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
+                    "devices": len(jax.devices())},
+        "model": dataclasses.asdict(ctx.cfg), "steps": ctx.steps, "batch_size": ctx.batch_size,
+        "seq_len": ctx.seq_len, "tokens_per_step": ctx.tokens_per_step,
+        "corpus": {"name": ctx.train_corpus.name,
+                   "fingerprint": jdata.corpus_fingerprint(jdata.load_stdlib_corpus("all"))},
+        "target_val_loss": target, "rows": rows, "errors": errors,
+        "histories": {k: v.history for k, v in results.items()},
+        "total_wall_s": time.perf_counter() - t0, "table": table,
+    }
+    with open(os.path.join(ctx.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    print(f"wrote {ctx.out_dir}/summary.json and val_loss.png", flush=True)
+    if errors:
+        print(f"FAILED recipes: {errors}", file=sys.stderr)
+        raise SystemExit(1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
