@@ -24,3 +24,9 @@ __all__ = [
     "pack_lm",
     "BPETokenizer", "ByteTokenizer", "Tokenizer", "validate_tokenizer",
 ]
+
+# Technique modules, as submodules: ``data.meco``, ``data.mixture``, ``data.selection``,
+# ``data.dedup``, ``data.objectives``, ``data.multigrid``, ``data.epochs``.
+from jaxeff.data import dedup, meco, mixture, multigrid, objectives, selection  # noqa: E402
+
+__all__ += ["dedup", "meco", "mixture", "multigrid", "objectives", "selection"]
