@@ -1,0 +1,320 @@
+"""Low-bit quantized weights as a structured leaf, bit packing, and round-to-nearest (RTN).
+
+The quantizer is the one of "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (Frantar et al., ICLR 2023) and its reference code (IST-DASLab ``quant.py``); RTN is
+that quantizer without error feedback, the paper's baseline. ``jaxeff.params.gptq`` produces the
+same leaf with error feedback.
+
+Quantizer (per group of input rows, per output column; ``maxq = 2**bits - 1``)::
+
+    xmin = min(min(x), 0)            xmax = max(max(x), 0)          (xmin = -1, xmax = 1 if both 0)
+    symmetric:  xmax = max(|xmin|, xmax); xmin = -xmax;             zero = (maxq + 1) / 2
+    asymmetric:                                                      zero = round(-xmin / scale)
+    scale = (xmax - xmin) / maxq                                    (rounded to scale_dtype)
+    q = clip(round(x / scale) + zero, 0, maxq)                      w_hat = (q - zero) * scale
+
+Symmetric deviation from the reference: it keeps ``xmin = 0`` when a group has no negative entry,
+so zero sits mid-range and half the codes go unused, clipping large positive values; we always set
+``xmin = -xmax`` (differs only for all-non-negative groups).
+
+Storage layout of :class:`QuantizedWeight` (the contract the Pallas dequantize-matmul in
+``jaxeff.kernels`` consumes). The dense weight ``W`` has shape ``[..., IN, OUT]`` (``y = x @ W``,
+flax convention); leading axes are a batch of independent matrices (stacked layers ``[L, IN, OUT]``)
+and every array below carries the same leading axes.
+
+* ``packed``: ``uint32 [..., ceil(IN / P), OUT]``, ``P = 32 // bits`` codes per word
+  (bits 2 -> 16, 3 -> 10, 4 -> 8, 8 -> 4). Codes run **along the input dimension**: stored row
+  ``r`` (``0 <= r < IN``) of output column ``n`` is ``(packed[r // P, n] >> (bits * (r % P))) &
+  maxq``, i.e. little-endian within the word, the lowest bits hold the smallest ``r``. Unused high
+  bits (3-bit: the top 2) and the padding codes of the last word (``r >= IN``) are 0.
+* ``scale``: ``scale_dtype [..., G, OUT]`` and ``zero``: ``uint8 [..., G, OUT]`` with
+  ``G = ceil(IN / group_size)``; **groups run along the input dimension**: stored row ``r`` uses
+  group ``r // group_size`` (``group_size == IN`` when ungrouped, so ``G == 1``). With ``pad=True``
+  the last group is ragged (it covers ``IN - (G-1) * group_size`` rows).
+* ``perm``: ``int32 [..., IN]``: stored row ``r`` holds original input row ``perm[r]`` (identity
+  unless ``act_order``; GPTQ's act-order stores rows in descending Hessian-diagonal order so that
+  groups stay contiguous). Dequantization::
+
+      w_stored[r, n] = (q[r, n] - zero[r // group_size, n]) * scale[r // group_size, n]   (float32)
+      W[perm[r], n] = w_stored[r, n]                       then cast to ``dtype``
+
+  so a kernel computes ``y = x[..., perm] @ w_stored`` (skip the gather when ``act_order`` is
+  False).
+* static fields: ``shape`` (dense shape), ``dtype`` (dense dtype name), ``bits``,
+  ``group_size``, ``act_order``.
+
+For bits 2/4/8 and ``IN`` a multiple of ``P``, ``packed`` is GPTQ's ``qweight`` layout with OUT
+last (what ``jaxeff.kernels``' dequantize-matmul takes; pass ``zero`` as float). 3-bit words hold
+10 codes and never straddle words (unlike GPTQ's 32-codes-in-3-words packing).
+
+Slicing a stacked leaf (``lax.scan``/``vmap`` over it) does not update the static ``shape``;
+``materialize`` the tree first (``jaxeff.params.structured.materialize``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.params.structured import StructuredWeight, is_structured, specs_from
+from jaxeff.select import Selector, path_str, select_mask
+
+__all__ = ["QuantizedWeight", "VALID_BITS", "codes_per_word", "pack", "unpack", "find_params",
+           "quantize_codes", "rtn_weight", "rtn", "stack_quantized", "tree_nbytes",
+           "check_quant_args"]
+
+VALID_BITS = (2, 3, 4, 8)
+
+
+def codes_per_word(bits: int) -> int:
+    """Codes per ``uint32`` word: ``32 // bits``."""
+    _check_bits(bits)
+    return 32 // bits
+
+
+def _check_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or bits not in VALID_BITS:
+        raise ValueError(f"bits must be one of {VALID_BITS}; got {bits!r}")
+
+
+def check_quant_args(bits, group_size, in_dim: int, pad: bool) -> int:
+    """Validate ``bits``/``group_size``/``pad`` for an input dimension; return the group size.
+
+    Returns ``in_dim`` when ``group_size`` is None (one group per output column). Raises
+    ``ValueError`` for bits outside {2, 3, 4, 8}, a non-positive group size, or a group size that
+    does not divide ``in_dim`` unless ``pad`` (then the last group is ragged).
+    """
+    _check_bits(bits)
+    if group_size is None:
+        return int(in_dim)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) \
+            or group_size <= 0:
+        raise ValueError(f"group_size must be None or a positive int; got {group_size!r}")
+    if in_dim % group_size and not pad:
+        raise ValueError(
+            f"group_size={group_size} does not divide the input dimension {in_dim}; pick a "
+            f"divisor of {in_dim}, group_size=None, or pass pad=True for a ragged last group")
+    return int(group_size)
+
+
+@flax.struct.dataclass
+class QuantizedWeight(StructuredWeight):
+    """Packed low-bit codes with per-group scales and zero points (layout: module docstring).
+
+    ``materialize()`` returns ``W`` with ``W[..., perm[r], :] = (q[r] - zero[g]) * scale[g]``,
+    ``g = r // group_size``, cast to ``dtype``.
+    """
+
+    packed: jax.Array      # uint32 [..., ceil(IN/P), OUT]
+    scale: jax.Array       # scale_dtype [..., G, OUT]
+    zero: jax.Array        # uint8 [..., G, OUT]
+    perm: jax.Array        # int32 [..., IN]
+    shape: tuple = flax.struct.field(pytree_node=False)
+    dtype: str = flax.struct.field(pytree_node=False)
+    bits: int = flax.struct.field(pytree_node=False)
+    group_size: int = flax.struct.field(pytree_node=False)
+    act_order: bool = flax.struct.field(pytree_node=False, default=False)
+
+    # Post-training codes: nothing here trains (jaxeff.params.structured.trainable_mask).
+    trainable_fields: ClassVar[tuple[str, ...]] = ()
+
+    def factor_specs(self, dense_spec) -> "QuantizedWeight":
+        """Shardings from the dense ``[..., IN, OUT]`` spec: batch and OUT axes keep theirs; the
+        packed/grouped IN axis is replicated (its length is no longer the dense one)."""
+        spec = tuple(dense_spec) + (None,) * (len(self.shape) - len(tuple(dense_spec)))
+        batch, out = spec[:-2], spec[-1]
+        return specs_from(self, packed=P(*batch, None, out), scale=P(*batch, None, out),
+                          zero=P(*batch, None, out), perm=P(*batch, None))
+
+    @property
+    def codes(self) -> jax.Array:
+        """The integer codes ``int32 [..., IN, OUT]`` in stored (permuted) row order."""
+        return unpack(self.packed, self.bits, self.shape[-2])
+
+    def materialize(self) -> jax.Array:
+        """Dequantize: ``W[perm[r]] = (q[r] - zero[r // group_size]) * scale[r // group_size]``."""
+        return _dequantize(self)
+
+
+@jax.jit
+def _dequantize(qw: QuantizedWeight) -> jax.Array:
+    # jit so that eager calls compile once per layout instead of once per primitive.
+    n_in = qw.shape[-2]
+    q = unpack(qw.packed, qw.bits, n_in).astype(jnp.float32)
+    s = jnp.repeat(qw.scale.astype(jnp.float32), qw.group_size, axis=-2)[..., :n_in, :]
+    z = jnp.repeat(qw.zero.astype(jnp.float32), qw.group_size, axis=-2)[..., :n_in, :]
+    w = (q - z) * s
+    if qw.act_order:
+        inv = jnp.argsort(qw.perm, axis=-1)
+        w = jnp.take_along_axis(w, inv[..., :, None], axis=-2)
+    return w.astype(jnp.dtype(qw.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("bits",))
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Pack codes ``[..., N, OUT]`` in ``[0, 2**bits)`` into ``uint32 [..., ceil(N/P), OUT]``.
+
+    Word ``k`` holds rows ``k*P .. k*P+P-1`` with row ``r`` at bit offset ``bits * (r % P)``,
+    ``P = 32 // bits``; padding codes are 0. Raises ``ValueError`` for bad ``bits`` or fewer
+    than 2 axes.
+    """
+    per = codes_per_word(bits)
+    if codes.ndim < 2:
+        raise ValueError(f"codes must have at least 2 axes [..., N, OUT]; got shape {codes.shape}")
+    n = codes.shape[-2]
+    n_words = -(-n // per)
+    c = codes.astype(jnp.uint32)
+    pad = [(0, 0)] * (c.ndim - 2) + [(0, n_words * per - n), (0, 0)]
+    c = jnp.pad(c, pad).reshape(*c.shape[:-2], n_words, per, c.shape[-1])
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
+    # The shifted fields are disjoint, so the sum is the bitwise OR.
+    return jnp.sum(c << shifts, axis=-2, dtype=jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "n"))
+def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack`: ``uint32 [..., W, OUT]`` -> ``int32 [..., n, OUT]``.
+
+    Raises ``ValueError`` when ``n`` exceeds the packed capacity ``W * (32 // bits)``.
+    """
+    per = codes_per_word(bits)
+    if n > packed.shape[-2] * per or n < 0:
+        raise ValueError(f"n={n} rows do not fit {packed.shape[-2]} words of {per} codes")
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
+    c = (packed[..., :, None, :] >> shifts) & jnp.uint32(2 ** bits - 1)
+    c = c.reshape(*packed.shape[:-2], packed.shape[-2] * per, packed.shape[-1])
+    return c[..., :n, :].astype(jnp.int32)
+
+
+def find_params(x: jax.Array, bits: int, sym: bool = False, scale_dtype=jnp.float32,
+                axis: int = -2):
+    """Scale and zero point of the GPTQ quantizer for ``x`` reduced over ``axis``.
+
+    Formula in the module docstring. Returns ``(scale, zero)`` as float32 (``scale`` already
+    rounded to ``scale_dtype``, ``zero`` an integer in ``[0, maxq]``), with ``axis`` kept.
+    """
+    maxq = 2 ** bits - 1
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xmin = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0)
+    xmax = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0)
+    if sym:
+        xmax = jnp.maximum(-xmin, xmax)
+        xmin = -xmax
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = jnp.where(both0, -1.0, xmin)
+    xmax = jnp.where(both0, 1.0, xmax)
+    scale = ((xmax - xmin) / maxq).astype(scale_dtype).astype(x.dtype)
+    if sym:
+        zero = jnp.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = jnp.round(-xmin / scale)
+    return scale, jnp.clip(zero, 0, maxq)
+
+
+def quantize_codes(x, scale, zero, bits: int):
+    """``q = clip(round(x / scale) + zero, 0, maxq)`` (float, integer-valued)."""
+    return jnp.clip(jnp.round(x / scale) + zero, 0, 2 ** bits - 1)
+
+
+def rtn_weight(w: jax.Array, bits: int, group_size: Optional[int] = None, *, sym: bool = False,
+               pad: bool = False, scale_dtype=jnp.float32) -> QuantizedWeight:
+    """Round-to-nearest quantization of one (possibly stacked) matrix ``w [..., IN, OUT]``.
+
+    Each group of ``group_size`` input rows of each output column gets its own scale/zero
+    (GPTQ quantizer, module docstring); no error feedback. Args: ``bits`` in {2, 3, 4, 8};
+    ``group_size`` (default None = one group over the whole input dim); ``sym`` (default False);
+    ``pad`` (default False: allow a ragged last group); ``scale_dtype`` (default float32).
+    Raises ``ValueError`` for bad arguments or a leaf with fewer than 2 axes.
+    """
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise ValueError(f"w must have at least 2 axes [..., IN, OUT]; got shape {w.shape}")
+    gs = check_quant_args(bits, group_size, w.shape[-2], pad)
+    return _rtn_jit(w, bits=int(bits), gs=gs, sym=bool(sym), scale_dtype=jnp.dtype(scale_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "gs", "sym", "scale_dtype"))
+def _rtn_jit(w, *, bits, gs, sym, scale_dtype) -> QuantizedWeight:
+    n_in = w.shape[-2]
+    n_groups = -(-n_in // gs)
+    x = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+    # Zero rows pad the last group; they never change min(x, 0) / max(x, 0).
+    xp = jnp.pad(x, [(0, 0)] * (w.ndim - 2) + [(0, n_groups * gs - n_in), (0, 0)])
+    xg = xp.reshape(*w.shape[:-2], n_groups, gs, w.shape[-1])
+    scale, zero = find_params(xg, bits, sym, scale_dtype, axis=-2)
+    q = quantize_codes(xg, scale, zero, bits).reshape(xp.shape)[..., :n_in, :]
+    batch = w.shape[:-2]
+    perm = jnp.broadcast_to(jnp.arange(n_in, dtype=jnp.int32), (*batch, n_in))
+    return QuantizedWeight(
+        packed=pack(q.astype(jnp.int32), bits), scale=scale[..., 0, :].astype(scale_dtype),
+        zero=zero[..., 0, :].astype(jnp.uint8), perm=perm, shape=tuple(w.shape),
+        dtype=jnp.dtype(w.dtype).name, bits=int(bits), group_size=gs, act_order=False)
+
+
+def rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = None, *,
+        sym: bool = False, pad: bool = False, scale_dtype=jnp.float32):
+    """Round-to-nearest quantize the selected matrices of any pytree into :class:`QuantizedWeight`s.
+
+    The RTN baseline of the GPTQ paper (Frantar et al., 2023): ``q = clip(round(w / scale) + zero,
+    0, 2**bits - 1)`` per group of input rows. ``select`` follows ``jaxeff.select`` (regex over
+    the ``/``-joined path, predicate, pytree of bools); the default None takes every floating
+    leaf with at least 2 axes -- note that this includes embeddings and stacked norm scales
+    ``[L, D]``, so pass e.g. ``"layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"`` for the paper's
+    setting (linear layers inside the blocks). Other args as :func:`rtn_weight`.
+
+    Raises ``ValueError`` when ``select`` matches no leaf, when an explicitly selected leaf is not
+    a floating array with at least 2 axes, or for bad ``bits``/``group_size``.
+    """
+    _check_bits(bits)
+    mask = select_mask(select, params, is_leaf=is_structured)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_structured)
+    flat_mask = treedef.flatten_up_to(mask)
+    out, n_done = [], 0
+    for (path, leaf), sel in zip(flat, flat_mask):
+        is_mat = (hasattr(leaf, "ndim") and not is_structured(leaf) and leaf.ndim >= 2
+                  and jnp.issubdtype(leaf.dtype, jnp.floating))
+        if sel and not is_mat and select is not None:
+            raise ValueError(
+                f"select={select!r} picks leaf {path_str(path)!r} "
+                f"({getattr(leaf, 'shape', type(leaf).__name__)}), which is not a floating "
+                f"matrix with at least 2 axes")
+        if sel and is_mat:
+            out.append(rtn_weight(leaf, bits, group_size, sym=sym, pad=pad,
+                                  scale_dtype=scale_dtype))
+            n_done += 1
+        else:
+            out.append(leaf)
+    if n_done == 0:
+        raise ValueError(f"select={select!r} matches no floating matrix leaf")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def stack_quantized(leaves: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """Stack same-config :class:`QuantizedWeight`s along a new axis 0 (shape ``[n, *shape]``).
+
+    Raises ``ValueError`` when the leaves differ in shape, dtype, bits, group size or act-order.
+    """
+    if not leaves:
+        raise ValueError("stack_quantized needs at least one leaf")
+    first = leaves[0]
+    key = lambda q: (q.shape, q.dtype, q.bits, q.group_size, q.act_order)  # noqa: E731
+    for i, q in enumerate(leaves):
+        if not isinstance(q, QuantizedWeight) or key(q) != key(first):
+            raise ValueError(f"leaves[{i}] does not match leaves[0]: "
+                             f"{key(q) if isinstance(q, QuantizedWeight) else type(q)} vs "
+                             f"{key(first)}")
+    stack = lambda name: jnp.stack([getattr(q, name) for q in leaves])  # noqa: E731
+    return first.replace(packed=stack("packed"), scale=stack("scale"), zero=stack("zero"),
+                         perm=stack("perm"), shape=(len(leaves), *first.shape))
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes held by the arrays of a pytree (packed codes, scales, zeros, perms, dense leaves)."""
+    return int(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
