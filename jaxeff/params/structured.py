@@ -56,7 +56,7 @@ from jaxeff.select import path_str, select_mask, select_values
 
 __all__ = ["StructuredWeight", "is_structured", "materialize", "trainable_mask", "partition",
            "combine", "MatrixLayout", "map_matrices", "structured_specs", "array_fields",
-           "specs_from"]
+           "specs_from", "uniform", "normal"]
 
 
 class StructuredWeight:
@@ -236,14 +236,14 @@ def map_matrices(fn: Callable, params, select, *, key=None, dims=None, method: s
     into one key per selected leaf (``None`` passed when ``key`` is None). Raises ValueError for
     a selected leaf with fewer than two axes and no ``dims``.
     """
-    mask = select_mask(select, params, argname="select")
-    if dims is None:
-        dims_tree = jax.tree.map(lambda _: None, params)
-    else:
-        dims_tree = select_values(dims, params, argname="dims", allow_empty=True)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask = select_mask(select, params, argname="select", is_leaf=is_structured)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_structured)
     sel = treedef.flatten_up_to(mask)
-    dms = treedef.flatten_up_to(dims_tree) if dims is not None else [None] * len(flat)
+    if dims is None:
+        dms = [None] * len(flat)
+    else:
+        dms = treedef.flatten_up_to(select_values(dims, params, argname="dims",
+                                                  allow_empty=True, is_leaf=is_structured))
     n_sel = sum(sel)
     keys = list(jax.random.split(key, n_sel)) if key is not None else [None] * n_sel
     out, i = [], 0
@@ -283,5 +283,20 @@ def structured_specs(tree, dense_specs):
 
 
 def specs_from(w: StructuredWeight, **field_specs) -> StructuredWeight:
-    """Helper for ``factor_specs``: ``w`` holding the given specs (``P()``, replicated, elsewhere)."""
+    """Helper for ``factor_specs``: ``w`` holding the given specs (``P()`` elsewhere)."""
     return w.replace(**{f: field_specs.get(f, P()) for f in array_fields(w)})
+
+
+# jax.random draws N-d arrays with the partitionable threefry; on CPU XLA compiles such a draw
+# ~6x slower than a 1-d draw of the same size (observed: 2.4 s vs 0.35 s for [3, 16, 4]), so
+# initialisers draw flat and reshape (the values differ from an N-d draw; the law is the same).
+def uniform(key, shape, dtype, minval, maxval) -> jax.Array:
+    """``jax.random.uniform`` of ``shape`` drawn as a flat vector and reshaped."""
+    shape = tuple(shape)
+    return jax.random.uniform(key, (math.prod(shape),), dtype, minval, maxval).reshape(shape)
+
+
+def normal(key, shape, dtype) -> jax.Array:
+    """``jax.random.normal`` of ``shape`` drawn as a flat vector and reshaped."""
+    shape = tuple(shape)
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)

@@ -1,0 +1,448 @@
+"""Sparse training and pruning as an optax wrapper that keeps the masks in its state.
+
+Papers:
+* "SPDF: Sparse Pre-training and Dense Fine-tuning for Large Language Models" (Thangarasa et al.,
+  2023, arXiv 2303.10464): a static random mask (e.g. 75%) in pre-training, then :func:`densify`
+  and train every weight (pruned ones restart from 0).
+* "The Journey Matters: Average Parameter Count over Pre-training Unifies Sparse and Dense Scaling
+  Laws" (Jin et al., ICLR 2025, arXiv 2501.12486): gradual global magnitude pruning with a
+  geometric schedule from 25% to 75% of training; the loss follows the *average* non-zero count
+  ``N_bar = (1/T) sum_t N_nonzero(t)``, which the state tracks (:func:`sparsity_stats`).
+* "To prune, or not to prune" (Zhu & Gupta, 2017): the cubic schedule.
+
+Update rule (jaxpruner's pattern without its ``post_gradient_update`` call)::
+
+    g'  = mask * g                                   (mask_gradients=True)
+    u, inner_state = inner.update(g', inner_state, p)
+    mask <- prune(|p + u|, schedule(count + 1)) & mask   (only when the target sparsity grows)
+    u'  = mask * (p + u) - p                          (written where(mask, u, -p): exact)
+
+so ``optax.apply_updates(p, u')`` leaves masked weights exactly 0 and masks never regrow. Pruning
+keeps exactly ``N - floor(s*N)`` weights per group (global: all selected weights; 'layer': each
+matrix), ties broken by position: the k-th largest score is found by a 32-step bisection over the
+order-preserving uint32 image of the float32 scores (sharded reductions, no global sort).
+``floor(s*N)`` is computed in float32 (exact for N < 2**24).
+
+Timing: ``schedule(t)`` is the sparsity of the weights used in step ``t``'s forward pass; the
+masks for step 0 are made in ``init`` from the initial params, which the user zeroes once with
+:func:`apply_masks` (otherwise the first update zeroes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxeff.select import select_mask
+
+__all__ = ["SparseState", "prune", "spdf", "densify", "apply_masks", "sparsity_stats",
+           "constant_sparsity", "geometric_sparsity", "cubic_sparsity", "journey_schedule",
+           "journey_window"]
+
+
+class SparseState(NamedTuple):
+    """State of :func:`prune`.
+
+    ``masks``: bool arrays shaped like the selected params (a bool scalar ``True`` for the
+    others); ``density_sum``/``density_comp``: Kahan sum over steps of the selected density;
+    ``dense``: True after :func:`densify` (no more pruning).
+    """
+
+    count: jax.Array
+    masks: Any
+    inner_state: Any
+    density_sum: jax.Array
+    density_comp: jax.Array
+    dense: jax.Array
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def _check_sparsity(s, name="final_sparsity"):
+    if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
+        raise ValueError(f"{name}={s!r}; must be in [0, 1)")
+
+
+def _check_window(start_step, end_step, every):
+    for n, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{n} must be an int; got {type(v).__name__} {v!r}")
+    if start_step < 0 or end_step < start_step:
+        raise ValueError(f"need 0 <= start_step <= end_step; got {start_step}, {end_step}")
+    if every < 1:
+        raise ValueError(f"every={every}; must be >= 1")
+
+
+def constant_sparsity(sparsity: float) -> Callable:
+    """``s_t = sparsity`` for every step (SPDF's static mask). Raises ValueError outside [0, 1)."""
+    _check_sparsity(sparsity, "sparsity")
+    return lambda step: jnp.full((), sparsity, jnp.float32)
+
+
+def geometric_sparsity(final_sparsity: float = 0.75, *, start_step: int, end_step: int,
+                       every: int = 100) -> Callable:
+    """Journey-Matters geometric pruning schedule.
+
+    ``n = (end_step - start_step) // every + 1`` rounds at ``start_step + k*every``;
+    ``q = 1 - (1 - s)^(1/n)``; from round k on the kept fraction is ``(1-q)^(k+1)``, so the last
+    round reaches ``s`` exactly; 0 before ``start_step``. Paper: "The Journey Matters" (2025),
+    reference tjingrant/sparse-llm-code ``calculate_per_step_sparsity``.
+    Raises ValueError/TypeError for a sparsity outside [0, 1) or a bad window.
+    """
+    _check_sparsity(final_sparsity)
+    _check_window(start_step, end_step, every)
+    n = (end_step - start_step) // every + 1
+    keep_per_round = (1.0 - final_sparsity) ** (1.0 / n)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.int32)
+        k = jnp.clip((step - start_step) // every, 0, n - 1)
+        s = 1.0 - jnp.float32(keep_per_round) ** (k + 1).astype(jnp.float32)
+        s = jnp.where(k == n - 1, jnp.float32(final_sparsity), s)
+        return jnp.where(step < start_step, 0.0, s).astype(jnp.float32)
+    return schedule
+
+
+def cubic_sparsity(final_sparsity: float, *, start_step: int, end_step: int, every: int = 1,
+                   initial_sparsity: float = 0.0) -> Callable:
+    """Zhu & Gupta cubic schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(t1 - t0))^3``.
+
+    Evaluated at the pruning steps ``t0 + k*every`` (held in between), ``s_f`` from ``t1`` on,
+    0 before ``t0``. Paper: "To prune, or not to prune" (Zhu & Gupta, 2017).
+    Raises ValueError/TypeError for sparsities outside [0, 1) or a bad window.
+    """
+    _check_sparsity(final_sparsity)
+    _check_sparsity(initial_sparsity, "initial_sparsity")
+    _check_window(start_step, end_step, every)
+    span = max(end_step - start_step, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.int32)
+        t = jnp.clip((step - start_step) // every * every, 0, span).astype(jnp.float32)
+        s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - t / span) ** 3
+        s = jnp.where(step >= end_step, final_sparsity, s)
+        return jnp.where(step < start_step, 0.0, s).astype(jnp.float32)
+    return schedule
+
+
+def _geometric_density(total_steps, s, start_step, end_step, every) -> np.ndarray:
+    n = (end_step - start_step) // every + 1
+    t = np.arange(total_steps)
+    k = np.clip((t - start_step) // every, 0, n - 1)
+    return np.where(t < start_step, 1.0, (1.0 - s) ** ((k + 1) / n))
+
+
+def journey_window(final_sparsity: float, total_steps: int, start: float = 0.25,
+                   end: float = 0.75, every: int = 100, window: str = "compute"
+                   ) -> tuple[int, int]:
+    """``(start_step, end_step)`` of the Journey-Matters pruning window, on the ``every`` grid.
+
+    ``window='compute'`` (default, the paper's definition): ``start``/``end`` are fractions of
+    cumulative sparse compute (proportional to the density of the pruned weights), solved by
+    fixed-point iteration on the grid; sparsellm-1b-20p (20%, 11200 steps, every 100) gives
+    steps 2500 -> 8100 as in the reference run. ``'steps'``: fractions of the steps (simpler,
+    not the paper's). Raises ValueError for bad fractions, window, steps or every.
+    """
+    _check_sparsity(final_sparsity)
+    if not 0.0 <= start <= end <= 1.0:
+        raise ValueError(f"need 0 <= start <= end <= 1; got start={start}, end={end}")
+    if window not in ("steps", "compute"):
+        raise ValueError(f"window={window!r}; valid: 'steps', 'compute'")
+    if total_steps < 1 or every < 1:
+        raise ValueError(f"total_steps={total_steps} and every={every} must be >= 1")
+    grid = np.arange(0, total_steps, every)
+
+    def snap(frac):
+        return int(grid[np.argmin(np.abs(grid - frac * total_steps))])
+
+    st, en = snap(start), snap(end)
+    if window == "steps":
+        return st, en
+    for _ in range(100):
+        d = _geometric_density(total_steps, final_sparsity, st, en, every)
+        before = np.concatenate([[0.0], np.cumsum(d)])[grid] / d.sum()
+        nst = int(grid[np.argmin(np.abs(before - start))])
+        nen = int(grid[np.argmin(np.abs(before - end))])
+        if (nst, nen) == (st, en):
+            break
+        st, en = nst, max(nen, nst)
+    return st, en
+
+
+def journey_schedule(final_sparsity: float = 0.75, *, total_steps: int, start: float = 0.25,
+                     end: float = 0.75, every: int = 100, window: str = "compute") -> Callable:
+    """The paper's default: geometric pruning to ``final_sparsity`` over 25% -> 75% of training.
+
+    Paper: "The Journey Matters" (Jin et al., 2025). ``window`` as in :func:`journey_window`
+    (``'compute'`` default, the paper's cumulative-compute window; ``'steps'`` for step
+    fractions). Mean density over the window -> ``-s/ln(1-s)`` as every -> 0. Raises as
+    :func:`journey_window` and :func:`geometric_sparsity`.
+    """
+    st, en = journey_window(final_sparsity, total_steps, start, end, every, window)
+    return geometric_sparsity(final_sparsity, start_step=st, end_step=en, every=every)
+
+
+# ----------------------------------------------------------------------------- mask selection
+
+def _to_keys(scores):
+    """float32 -> uint32 with the same order (radix-sort trick)."""
+    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_key(count_ge: Callable, k, like):
+    """Largest uint32 T with count_ge(T) >= k, by bisection (32 steps); ``like`` sets the shape."""
+    lo = jnp.zeros_like(like, jnp.uint32)
+    hi = jnp.full_like(like, 0xFFFFFFFF, jnp.uint32)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        d = hi - lo
+        mid = lo + (d >> 1) + (d & 1)
+        ok = count_ge(mid) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+    return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
+
+
+def _excl_cumsum(x):
+    c = jnp.cumsum(x.astype(jnp.int32), axis=-1)
+    return c - x.astype(jnp.int32)
+
+
+def _topk_rows(keys, k):
+    """Mask keeping exactly the k largest keys of each row of ``keys [G, N]`` (``k [G]``)."""
+    T = _kth_key(lambda t: jnp.sum(keys >= t[:, None], axis=-1, dtype=jnp.int32), k, k)
+    gt = keys > T[:, None]
+    ties = keys == T[:, None]
+    need = k - jnp.sum(gt, axis=-1, dtype=jnp.int32)
+    return gt | (ties & (_excl_cumsum(ties) < need[:, None]))
+
+
+def _topk_global(keys_list, k):
+    """Masks keeping exactly the k largest keys over all arrays (flattened, in list order)."""
+    flat = [x.reshape(-1) for x in keys_list]
+    T = _kth_key(lambda t: sum(jnp.sum(x >= t, dtype=jnp.int32) for x in flat), k, k)
+    gt = [x > T for x in flat]
+    need = k - sum(jnp.sum(g, dtype=jnp.int32) for g in gt)
+    out, offset = [], jnp.int32(0)
+    for x, g in zip(flat, gt):
+        ties = x == T
+        out.append(g | (ties & (_excl_cumsum(ties) + offset < need)))
+        offset = offset + jnp.sum(ties, dtype=jnp.int32)
+    return [o.reshape(x.shape) for o, x in zip(out, keys_list)]
+
+
+def _rows(x):
+    """View a leaf as ``[groups, N]``: one group per matrix (leading axes batch) or vector."""
+    return x.reshape(1, -1) if x.ndim <= 2 else x.reshape(-1, x.shape[-2] * x.shape[-1])
+
+
+def _n_prune(s, n: int):
+    return jnp.floor(s * jnp.float32(n)).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
+          score: Union[str, Callable] = "magnitude", scope: str = "global",
+          key: Optional[jax.Array] = None, mask_gradients: bool = True,
+          static: bool = False) -> optax.GradientTransformationExtraArgs:
+    """Wrap ``inner`` so the selected params follow masks pruned on ``schedule``.
+
+    Update rule and papers: see the module docstring.
+
+    Args:
+      inner: the optimizer (any optax transformation, ExtraArgs supported).
+      schedule: ``step -> sparsity`` in [0, 1), non-decreasing (:func:`journey_schedule`,
+        :func:`geometric_sparsity`, :func:`cubic_sparsity`, :func:`constant_sparsity`).
+      select: which leaves are prunable (``jaxeff.select`` selector; required).
+      score: ``'magnitude'`` (|w|), ``'random'`` (fixed uniform scores from ``key``) or a callable
+        ``params -> tree of scores`` (higher = keep).
+      scope: ``'global'`` (one threshold over all selected weights, the Journey-Matters default)
+        or ``'layer'`` (each matrix of a leaf, over its last two axes, gets the sparsity).
+      key: required for ``score='random'``.
+      mask_gradients: zero the gradients of masked weights before ``inner`` (default True), so
+        their optimizer moments stay 0 and dense fine-tuning after :func:`densify` starts clean.
+      static: masks are made once at ``init`` (at ``schedule(0)``) and never change (SPDF);
+        ``update`` then carries no pruning code.
+    Raises:
+      ValueError naming the argument for an unknown score/scope, a missing key, a selected leaf
+      with no axes, or a selector matching nothing (at ``init``); ValueError at ``update`` when
+      ``params`` is not passed.
+    """
+    if not (callable(score) or score in ("magnitude", "random")):
+        raise ValueError(f"score={score!r}; valid: 'magnitude', 'random' or a callable")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope={scope!r}; valid: 'global', 'layer'")
+    if score == "random" and key is None:
+        raise ValueError("score='random' needs key=jax.random.key(...)")
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a callable step -> sparsity; got {type(schedule)}")
+    inner = optax.with_extra_args_support(inner)
+
+    def selected(params):
+        sel = select_mask(select, params, argname="select")
+        for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(sel)):
+            if s and jnp.ndim(p) == 0:
+                raise ValueError("select picks a scalar leaf; only arrays with >= 1 axis can "
+                                 "be pruned")
+        return sel
+
+    def scores_of(new_params, sel):
+        if callable(score):
+            sc = score(new_params)
+        elif score == "magnitude":
+            sc = jax.tree.map(jnp.abs, new_params)
+        else:
+            leaves, treedef = jax.tree.flatten(new_params)
+            # drawn flat: an N-d partitionable-threefry draw compiles ~6x slower on CPU
+            sc = treedef.unflatten([
+                jax.random.uniform(jax.random.fold_in(key, i), (x.size,)).reshape(x.shape)
+                for i, x in enumerate(leaves)])
+        return sc
+
+    def compute_masks(new_params, masks, s, sel):
+        sc = scores_of(new_params, sel)
+        flat_sel = jax.tree.leaves(sel)
+        m_l, treedef = jax.tree.flatten(masks)
+        sc_l = treedef.flatten_up_to(sc)
+        idx = [i for i, b in enumerate(flat_sel) if b]
+        keys = [_to_keys(jnp.where(m_l[i], sc_l[i], -jnp.inf)) for i in idx]
+        if scope == "global":
+            n = sum(int(np.prod(m_l[i].shape)) for i in idx)
+            new = _topk_global(keys, n - _n_prune(s, n))
+        else:
+            new = []
+            for kk in keys:
+                r = _rows(kk)
+                k = jnp.full((r.shape[0],), r.shape[1], jnp.int32) - _n_prune(s, r.shape[1])
+                new.append(_topk_rows(r, k).reshape(kk.shape))
+        out = list(m_l)
+        for i, nm in zip(idx, new):
+            out[i] = nm & m_l[i]
+        return treedef.unflatten(out)
+
+    def needs_prune(masks, s, sel):
+        live = [m for m, b in zip(jax.tree.leaves(masks), jax.tree.leaves(sel)) if b]
+        if scope == "global":
+            n = sum(int(np.prod(m.shape)) for m in live)
+            return sum(jnp.sum(m, dtype=jnp.int32) for m in live) > n - _n_prune(s, n)
+        return jnp.any(jnp.stack([jnp.any(jnp.sum(_rows(m), -1, dtype=jnp.int32) >
+                                          _rows(m).shape[1] - _n_prune(s, _rows(m).shape[1]))
+                                  for m in live]))
+
+    @jax.jit
+    def init_masks(params):
+        sel = selected(params)
+        ones = jax.tree.map(lambda p, b: jnp.ones(jnp.shape(p) if b else (), jnp.bool_),
+                            params, sel)
+        return compute_masks(params, ones, schedule(0), sel)
+
+    def init_fn(params):
+        selected(params)                      # raise selector errors outside of jit tracing
+        masks = init_masks(params)
+        # distinct arrays for every field: a train step that donates its state may not see
+        # one buffer twice
+        return SparseState(jnp.zeros((), jnp.int32), masks, inner.init(params),
+                           jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                           jnp.zeros((), jnp.bool_))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("prune needs params: call tx.update(grads, state, params)")
+        sel = selected(params)
+        masks = state.masks
+        if mask_gradients:
+            updates = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), updates,
+                                   masks)
+        u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        # Kahan-summed density of the masks used in this step (N_bar needs long exact sums).
+        live = [m for m, b in zip(jax.tree.leaves(masks), jax.tree.leaves(sel)) if b]
+        n = sum(int(np.prod(m.shape)) for m in live)
+        dens = sum(jnp.sum(m, dtype=jnp.int32) for m in live).astype(jnp.float32) / n
+        y = dens - state.density_comp
+        tot = state.density_sum + y
+        comp = (tot - state.density_sum) - y
+        count = state.count + 1
+        s = schedule(count)
+        new_params = jax.tree.map(lambda p, d: p + d, params, u)
+        if static:
+            new_masks = masks
+        else:
+            new_masks = jax.lax.cond(
+                jnp.logical_and(jnp.logical_not(state.dense), needs_prune(masks, s, sel)),
+                lambda: compute_masks(new_params, masks, s, sel), lambda: masks)
+        u = jax.tree.map(lambda d, p, m: jnp.where(m, d, -p.astype(d.dtype)), u, params,
+                         new_masks)
+        return u, SparseState(count, new_masks, inner_state, tot, comp, state.dense)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def spdf(inner: optax.GradientTransformation, sparsity: float = 0.75, *, key: jax.Array,
+         select, scope: str = "layer") -> optax.GradientTransformationExtraArgs:
+    """SPDF sparse pre-training: a static random mask of ``sparsity`` per matrix.
+
+    ``prune(inner, constant_sparsity(sparsity), score='random', scope=scope, static=True)``; call
+    :func:`densify` on the optimizer state to switch to dense fine-tuning. Paper: "SPDF: Sparse
+    Pre-training and Dense Fine-tuning for Large Language Models" (2023). Raises ValueError for a
+    sparsity outside [0, 1).
+    """
+    return prune(inner, constant_sparsity(sparsity), select=select, score="random", scope=scope,
+                 key=key, static=True)
+
+
+def _map_states(fn, opt_state):
+    return jax.tree.map(lambda x: fn(x) if isinstance(x, SparseState) else x, opt_state,
+                        is_leaf=lambda x: isinstance(x, SparseState))
+
+
+def _find(opt_state) -> SparseState:
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SparseState))
+             if isinstance(x, SparseState)]
+    if len(found) != 1:
+        raise ValueError(f"opt_state must hold exactly one SparseState (from prune/spdf); "
+                         f"found {len(found)}")
+    return found[0]
+
+
+def densify(opt_state):
+    """Switch every :class:`SparseState` in ``opt_state`` to dense training (SPDF fine-tuning).
+
+    Masks become all ``True`` and pruning stops; pruned weights restart from 0 and, with
+    ``mask_gradients``, from zero optimizer moments.
+    """
+    return _map_states(lambda s: s._replace(
+        masks=jax.tree.map(jnp.ones_like, s.masks), dense=jnp.ones((), jnp.bool_)), opt_state)
+
+
+def apply_masks(params, opt_state):
+    """``params`` with the masks of the :class:`SparseState` in ``opt_state`` applied (zeros).
+
+    Raises ValueError unless ``opt_state`` holds exactly one :class:`SparseState`.
+    """
+    masks = _find(opt_state).masks
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+def sparsity_stats(opt_state, params) -> dict:
+    """Non-zero counts of the masked training, for the Journey-Matters ``N_bar``.
+
+    Returns a dict of scalars: ``density`` (current, selected weights), ``mean_density`` (over
+    the updates so far), ``nonzero`` and ``mean_nonzero`` (whole tree: unselected leaves count
+    fully), ``total`` (all params) and ``steps``. Raises ValueError unless ``opt_state`` holds
+    exactly one :class:`SparseState`.
+    """
+    st = _find(opt_state)
+    sel_n = sum(int(np.prod(m.shape)) for m in jax.tree.leaves(st.masks) if m.ndim)
+    total = sum(int(np.prod(jnp.shape(p))) for p in jax.tree.leaves(params))
+    kept = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(st.masks) if m.ndim)
+    density = kept.astype(jnp.float32) / sel_n
+    mean_density = jnp.where(st.count > 0, st.density_sum / jnp.maximum(st.count, 1), density)
+    return dict(density=density, mean_density=mean_density,
+                nonzero=(total - sel_n) + density * sel_n,
+                mean_nonzero=(total - sel_n) + mean_density * sel_n, total=total, steps=st.count)

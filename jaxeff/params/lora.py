@@ -1,0 +1,138 @@
+"""LoRA: low-rank adapters on a frozen base weight, with merge.
+
+Paper: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021). In our ``[in, out]``
+layout::
+
+    W' = W + (alpha / r) * A @ B,   A: [in, r] ~ U(+-1/sqrt(in)),  B: [r, out] = 0 at init,
+
+so the adapted model equals the base model at init; only ``A`` and ``B`` train, ``W`` carries no
+optimizer state. Unlike ``flax.nnx.LoRA`` (no alpha/r scaling, needs ``nnx.Optimizer(wrt=...)``),
+this works on any params pytree::
+
+    adapted = lora(rank=8, alpha=16, select=r"layers/(wq|wv)$").from_dense(key, params)
+    trainable, frozen = jaxeff.params.partition(adapted)          # base -> frozen
+    loss = lambda t, b: model_loss(jaxeff.params.materialize(combine(t, frozen)), b)
+    ...
+    merged = LoRA.merge(adapted)                                   # plain dense params again
+
+or ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable_mask(adapted))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.params.structured import (MatrixLayout, StructuredWeight, map_matrices,
+                                      materialize, specs_from, uniform)
+
+__all__ = ["LoRAWeight", "LoRA", "lora"]
+
+
+@struct.dataclass
+class LoRAWeight(StructuredWeight):
+    """``W' = base + scale * A @ B``; ``A [*b, m, r]``, ``B [*b, r, n]``, ``base`` dense."""
+
+    base: jax.Array
+    A: jax.Array
+    B: jax.Array
+    scale: float = struct.field(pytree_node=False)
+    layout: MatrixLayout = struct.field(pytree_node=False)
+
+    trainable_fields = ("A", "B")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[-1]
+
+    def delta(self) -> jax.Array:
+        """The adapter's dense update ``scale * A @ B`` in the leaf's shape."""
+        return self.layout.from_matrix(self.scale * jnp.matmul(self.A, self.B))
+
+    def materialize(self) -> jax.Array:
+        """The merged weight ``base + scale * A @ B``."""
+        return (self.base + self.delta()).astype(self.base.dtype)
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """The unmerged forward ``x @ base + scale * (x @ A) @ B`` for a ``[in, out]`` leaf.
+
+        Raises ValueError for a batched (stacked) or non-default layout.
+        """
+        lay = self.layout
+        if lay.batch_shape or lay.in_axes != (0,) or lay.out_axes != (1,):
+            raise ValueError(f"apply needs an unbatched [in, out] leaf; this one has shape "
+                             f"{lay.shape} with in_axes={lay.in_axes}, out_axes={lay.out_axes}")
+        return x @ self.base + self.scale * ((x @ self.A) @ self.B)
+
+    def factor_specs(self, dense_spec) -> "LoRAWeight":
+        """Shardings: the base keeps the dense spec, A follows the input, B the output axis."""
+        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
+        return specs_from(self, base=dense_spec, A=P(*b, m_spec, None), B=P(*b, None, n_spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """LoRA as a params transform (built by :func:`lora`)."""
+
+    rank: int
+    alpha: float
+    select: Any
+    dims: Any = None
+
+    def from_dense(self, key: jax.Array, params):
+        """Wrap selected leaves in adapters: A ~ U(+-1/sqrt(in)), B = 0 (adapted = base).
+
+        Raises ValueError for a rank larger than a matrix, a leaf with fewer than 2 axes, or a
+        selector matching nothing.
+        """
+        def make(path, leaf, lay: MatrixLayout, k):
+            if self.rank > min(lay.m, lay.n):
+                raise ValueError(f"lora: rank={self.rank} is larger than the matrix of leaf "
+                                 f"'{path}' ({lay.m} x {lay.n}); valid 1..{min(lay.m, lay.n)}")
+            b, bound = lay.batch_shape, 1.0 / math.sqrt(lay.m)
+            A = uniform(k, b + (lay.m, self.rank), leaf.dtype, -bound, bound)
+            B = jnp.zeros(b + (self.rank, lay.n), leaf.dtype)
+            return LoRAWeight(leaf, A, B, self.alpha / self.rank, lay)
+        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="lora")
+
+    init = from_dense
+
+    @staticmethod
+    def merge(tree):
+        """Fold every adapter into its base (``jaxeff.params.materialize``): dense params."""
+        return materialize(tree)
+
+
+def lora(rank: int, alpha: float | None = None, *, select, dims=None) -> LoRA:
+    """Build LoRA adapters ``W' = W + (alpha/rank) * A @ B`` on the selected leaves.
+
+    Paper: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021).
+    Args:
+      rank: r, a positive int.
+      alpha: scale numerator (> 0); default ``rank`` (scale 1, what ``nnx.LoRA`` does).
+      select: leaves to adapt (``jaxeff.select`` selector; required).
+      dims: optional per-leaf ``(in_axes, out_axes)``.
+    Raises TypeError/ValueError naming the argument for a bad rank or alpha.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int; got {type(rank).__name__} {rank!r}")
+    if rank < 1:
+        raise ValueError(f"rank={rank}; must be >= 1")
+    alpha = float(rank) if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or not float(alpha) > 0:
+        raise ValueError(f"alpha={alpha!r}; must be > 0")
+    return LoRA(rank=rank, alpha=float(alpha), select=select, dims=dims)

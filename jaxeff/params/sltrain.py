@@ -1,0 +1,257 @@
+"""SLTrain: sparse plus low-rank weights with a fixed random support.
+
+Paper: "SLTrain: a sparse plus low-rank approach for parameter and memory efficient pretraining"
+(Han et al., NeurIPS 2024, arXiv 2406.02214); reference andyjm3/SLTrain ``splora/splora_linear.py``.
+
+In our ``[in, out]`` layout (torch stores ``[out, in]``; ours is its transpose)::
+
+    W = s * (A @ B) + S,    A: [in, r],  B: [r, out],  s = alpha / r,
+    S = scatter(values at indices),  indices: nnz = int(delta * in * out) sorted unique flat
+                                     row-major indices into the [in, out] matrix (fixed forever).
+
+Initialisation (paper): ``A ~ U(+-1/sqrt(in))`` (torch's kaiming_uniform(a=sqrt(5)) with
+fan_in = in), ``B = 0`` so ``W = S`` at init, ``values ~ U(+-1/sqrt(in))``. Only ``A``, ``B`` and
+``values`` train; the int32 ``indices`` stay out of the optimizer (``jaxeff.params.partition``).
+The savings are in parameters, gradients and optimizer state: r(m+n) + delta*m*n trainable numbers
+per matrix instead of m*n.
+
+Usage::
+
+    method = sltrain(**sltrain_preset("350m"), select=r"layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$")
+    factors = method.init(key, params)              # train from scratch: W = S at init
+    trainable, frozen = partition(factors)          # indices go to `frozen`
+    loss = lambda t, batch: model_loss(materialize(combine(t, frozen)), batch)
+
+Kernel hook: :meth:`SLTrainWeight.factors` returns ``(A, B, scale, indices, values)`` so a fused
+sparse-plus-low-rank matmul (``jaxeff.kernels``) can consume the leaf without densifying it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import PartitionSpec as P
+
+from jaxeff.params.structured import (MatrixLayout, StructuredWeight, map_matrices,
+                                      materialize, specs_from, uniform)
+
+__all__ = ["SLTrainWeight", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS"]
+
+# Paper defaults (Table / scripts of andyjm3/SLTrain): model size -> rank, alpha, delta.
+SLTRAIN_PRESETS = {
+    "60m": dict(rank=128, alpha=32.0, density=0.03),
+    "130m": dict(rank=256, alpha=16.0, density=0.03),
+    "350m": dict(rank=256, alpha=16.0, density=0.03),
+    "1b": dict(rank=512, alpha=8.0, density=0.03),
+    "7b": dict(rank=1024, alpha=8.0, density=0.05),
+}
+_INT32_MAX = 2**31 - 1
+
+
+def sltrain_preset(size: str) -> dict:
+    """The paper's ``rank``, ``alpha`` and ``density`` for a model size ('60m' ... '7b').
+
+    Raises ValueError for an unknown size.
+    """
+    key = str(size).lower()
+    if key not in SLTRAIN_PRESETS:
+        raise ValueError(f"size={size!r} has no SLTrain preset; valid: {sorted(SLTRAIN_PRESETS)}")
+    return dict(SLTRAIN_PRESETS[key])
+
+
+def _batched(fn, n_batch: int):
+    for _ in range(n_batch):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _scatter_add(flat, indices, values):
+    """``flat[..., indices] += values`` per matrix (indices unique and sorted)."""
+    def one(a, i, v):
+        return a.at[i].add(v, indices_are_sorted=True, unique_indices=True)
+    return _batched(one, flat.ndim - 1)(flat, indices, values)
+
+
+@struct.dataclass
+class SLTrainWeight(StructuredWeight):
+    """A sparse-plus-low-rank weight ``W = scale * A @ B + S`` (batched over leading axes).
+
+    Fields: ``A [*batch, m, r]``, ``B [*batch, r, n]``, ``indices int32 [*batch, nnz]`` (sorted
+    flat row-major indices into ``[m, n]``: row = idx // n is the input, col = idx % n the
+    output), ``values [*batch, nnz]``. Static: ``scale`` (alpha / r), ``layout``, ``dtype``.
+    """
+
+    A: jax.Array
+    B: jax.Array
+    indices: jax.Array
+    values: jax.Array
+    scale: float = struct.field(pytree_node=False)
+    layout: MatrixLayout = struct.field(pytree_node=False)
+    dtype: Any = struct.field(pytree_node=False)
+
+    trainable_fields = ("A", "B", "values")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[-1]
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.shape[-1]
+
+    def factors(self) -> tuple[jax.Array, jax.Array, float, jax.Array, jax.Array]:
+        """Kernel hook: ``(A, B, scale, indices, values)``, matrix layout ``[*batch, m, n]``."""
+        return self.A, self.B, self.scale, self.indices, self.values
+
+    def sparse_matrix(self) -> jax.Array:
+        """The sparse part ``S`` as a dense ``[*batch, m, n]`` array."""
+        lay = self.layout
+        flat = jnp.zeros(lay.batch_shape + (lay.m * lay.n,), self.values.dtype)
+        return _scatter_add(flat, self.indices, self.values).reshape(lay.batch_shape +
+                                                                     (lay.m, lay.n))
+
+    def materialize(self) -> jax.Array:
+        """Dense ``W = scale * A @ B + scatter(values)`` in the leaf's shape and dtype."""
+        lay = self.layout
+        low = (self.scale * jnp.matmul(self.A, self.B)).astype(self.values.dtype)
+        flat = _scatter_add(low.reshape(lay.batch_shape + (lay.m * lay.n,)), self.indices,
+                            self.values)
+        return lay.from_matrix(flat.reshape(lay.batch_shape + (lay.m, lay.n))).astype(self.dtype)
+
+    def factor_specs(self, dense_spec) -> "SLTrainWeight":
+        """Shardings: A follows the input axis, B the output axis, the sparse part the batch."""
+        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
+        return specs_from(self, A=P(*b, m_spec, None), B=P(*b, None, n_spec),
+                          indices=P(*b, None), values=P(*b, None))
+
+
+def _random_support(key, batch_shape, mn: int, nnz: int):
+    """``nnz`` sorted distinct flat indices in ``[0, mn)`` per matrix (uniform, no replacement)."""
+    def one(k):
+        return jnp.sort(jax.random.permutation(k, mn)[:nnz]).astype(jnp.int32)
+    n = math.prod(batch_shape)
+    keys = jax.random.split(key, n)
+    return jax.vmap(one)(keys).reshape(batch_shape + (nnz,))
+
+
+@dataclasses.dataclass(frozen=True)
+class SLTrain:
+    """SLTrain as a params transform: ``init`` (from scratch), ``from_dense``, ``merge``.
+
+    Built by :func:`sltrain`, which validates the arguments.
+    """
+
+    rank: int
+    density: float
+    alpha: float
+    select: Any
+    dims: Any = None
+
+    def _check(self, path: str, layout: MatrixLayout) -> int:
+        m, n = layout.m, layout.n
+        if self.rank > min(m, n):
+            raise ValueError(f"sltrain: rank={self.rank} is larger than the matrix of leaf "
+                             f"'{path}' ({m} x {n}); valid ranks are 1..{min(m, n)}")
+        if m * n > _INT32_MAX:
+            raise ValueError(f"sltrain: leaf '{path}' has {m * n} entries per matrix; int32 "
+                             f"support indices need fewer than 2**31")
+        nnz = int(self.density * m * n)
+        if nnz < 1:
+            raise ValueError(f"sltrain: density={self.density} gives no nonzero for leaf "
+                             f"'{path}' ({m} x {n}); increase density")
+        return nnz
+
+    def init(self, key: jax.Array, params):
+        """Replace selected leaves by SLTrain weights initialised as in the paper (W = S).
+
+        Only the shapes and dtypes of the selected leaves are used (works under
+        ``jax.eval_shape``). Raises ValueError for a selector matching nothing, a leaf with
+        fewer than two axes, or a rank larger than a matrix.
+        """
+        def make(path, leaf, lay: MatrixLayout, k):
+            nnz = self._check(path, lay)
+            ka, ki, kv = jax.random.split(k, 3)
+            b, m, n, r = lay.batch_shape, lay.m, lay.n, self.rank
+            bound = 1.0 / math.sqrt(m)
+            A = uniform(ka, b + (m, r), leaf.dtype, -bound, bound)
+            B = jnp.zeros(b + (r, n), leaf.dtype)
+            idx = _random_support(ki, b, m * n, nnz)
+            vals = uniform(kv, b + (nnz,), leaf.dtype, -bound, bound)
+            return SLTrainWeight(A, B, idx, vals, self.alpha / r, lay, jnp.dtype(leaf.dtype))
+        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="sltrain")
+
+    def from_dense(self, key: jax.Array, params, support: str = "random"):
+        """Factor selected dense leaves: truncated SVD for the low-rank part, residual on S.
+
+        ``s*A@B`` is the rank-r truncated SVD of W split evenly (``A = U sqrt(S/s)``,
+        ``B = sqrt(S/s) V^T``); ``values = (W - s*A@B).flat[indices]``. ``support='random'`` is
+        the paper's fixed random support; ``'magnitude'`` (an extension, not in the paper) puts
+        it on the largest residual entries. With ``density=1`` or full rank, ``materialize``
+        reproduces W (to float rounding). Raises ValueError for an unknown ``support``.
+        """
+        if support not in ("random", "magnitude"):
+            raise ValueError(f"support={support!r}; valid: 'random', 'magnitude'")
+
+        def make(path, leaf, lay: MatrixLayout, k):
+            nnz = self._check(path, lay)
+            b, r, s = lay.batch_shape, self.rank, self.alpha / self.rank
+            W = lay.to_matrix(leaf).astype(jnp.float32)
+            U, S, Vt = jnp.linalg.svd(W, full_matrices=False)
+            root = jnp.sqrt(S[..., :r] / s)
+            A = U[..., :, :r] * root[..., None, :]
+            B = root[..., :, None] * Vt[..., :r, :]
+            R = (W - s * A @ B).reshape(b + (lay.m * lay.n,))
+            if support == "random":
+                idx = _random_support(k, b, lay.m * lay.n, nnz)
+            else:
+                idx = jnp.sort(jax.lax.top_k(jnp.abs(R), nnz)[1], axis=-1).astype(jnp.int32)
+            vals = jnp.take_along_axis(R, idx, axis=-1)
+            dt = leaf.dtype
+            return SLTrainWeight(A.astype(dt), B.astype(dt), idx, vals.astype(dt), s, lay,
+                                 jnp.dtype(dt))
+        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="sltrain")
+
+    @staticmethod
+    def merge(tree):
+        """Densify every structured leaf (``jaxeff.params.materialize``)."""
+        return materialize(tree)
+
+
+def sltrain(rank: int, density: float = 0.03, alpha: float = 16.0, *, select,
+            dims=None) -> SLTrain:
+    """Build the SLTrain transform ``W = (alpha/rank) * A @ B + S``, S with ``density`` support.
+
+    Paper: "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
+    pretraining" (Han et al., 2024). Defaults: ``density=0.03`` (delta), ``alpha=16`` (the
+    130M/350M setting; see :func:`sltrain_preset` for the others).
+
+    Args:
+      rank: r, a positive int (at most min(in, out) of every selected matrix).
+      density: delta in (0, 1]: fraction of entries in the fixed sparse support.
+      alpha: the low-rank scale numerator, s = alpha / rank (> 0).
+      select: which leaves to replace (``jaxeff.select`` selector; required, e.g. a regex).
+      dims: optional per-leaf ``(in_axes, out_axes)`` (``select_values`` spec) for leaves that
+        are not ``[..., in, out]``.
+    Raises:
+      TypeError / ValueError naming the argument for a non-int or non-positive rank, a density
+      outside (0, 1], or a non-positive alpha.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int; got {type(rank).__name__} {rank!r}")
+    if rank < 1:
+        raise ValueError(f"rank={rank}; must be >= 1")
+    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density={density!r}; must be in (0, 1]")
+    if not isinstance(alpha, (int, float)) or not float(alpha) > 0:
+        raise ValueError(f"alpha={alpha!r}; must be > 0")
+    return SLTrain(rank=rank, density=float(density), alpha=float(alpha), select=select,
+                   dims=dims)
