@@ -1,0 +1,276 @@
+"""Compressed optimizer states: block-wise int8 and FP8 E4M3 with dynamic range expansion.
+
+Papers: "COAT: Compressing Optimizer States and Activation for Memory-Efficient FP8 Training"
+(Xi et al., 2024) for FP8 E4M3 with Dynamic Range Expansion (DRE); "8-bit Optimizers via
+Block-wise Quantization" (Dettmers et al., 2022) for block-wise absmax int8, the 8-bit state of
+"GaLore" (Zhao et al., 2024).
+
+Every compressed leaf is split into groups of ``g`` values (default 128). Per group, with
+``a = |x|``, ``M = max a`` and ``Q`` the format's largest code (127 for int8, 448 for E4M3)::
+
+    linear:      q = sign(x) * Q * a / M                         x^ = sign(q) * M * |q| / Q
+    DRE:         m = min nonzero a,  R = M / m
+                 k = floor(16 * log2(T) / log2(R)) / 16           (k = 1 when R <= 1 or all zero)
+                 q = sign(x) * Q * (a / M)^k                      x^ = sign(q) * M * (|q| / Q)^(1/k)
+
+``T = 448**2 / 2`` for E4M3 (COAT's constant) and ``T = 127`` for int8, so the smallest nonzero
+value of a group lands on a nonzero code (signs and zeros are kept; int8 DRE codes of nonzero values
+are kept off 0 also when the 1/16 floor of k bites, for groups spanning > 33 decades). COAT writes the same map with
+a centre ``c = sqrt(M m)`` and scale ``s = (M/c)^k / Q``: since ``(|q| s)^(1/k) c = M (|q|/Q)^(1/k)``
+we store ``M`` and ``k`` (8 bytes per group instead of 12); the codes are identical. q is clipped to
+``[-Q, Q]`` before the cast (``float8_e4m3fn`` casts do not saturate: 449 becomes NaN) and int8
+codes are rounded to nearest. Storage: 1 byte per value plus 4 (linear) or 8 (DRE) bytes per group.
+
+:func:`compress_state` wraps any optax transform so that its floating-point state leaves are kept
+compressed between steps and decompressed (to their original dtype) inside ``update``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxeff.select import path_str, select_mask, select_values
+
+__all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
+           "group_dequantize", "quantize", "dequantize", "dre_exponent", "compress_state",
+           "quantize_state", "is_quantized", "quantize_like", "describe_state"]
+
+FORMATS = ("none", "bf16", "int8", "fp8")
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+_TARGET = {"int8": 127.0, "fp8": 448.0 ** 2 / 2}
+_TINY = 1e-30
+
+
+class GroupQuantized(NamedTuple):
+    """Linear group quantization: ``codes`` int8 / float8_e4m3fn [..., G, g], ``scale`` = absmax f32 [..., G]."""
+    codes: jax.Array
+    scale: jax.Array
+
+
+class GroupQuantizedDRE(NamedTuple):
+    """DRE group quantization: ``codes`` [..., G, g], ``scale`` = absmax [..., G], exponent ``k`` [..., G]."""
+    codes: jax.Array
+    scale: jax.Array
+    k: jax.Array
+
+
+class CompressedState(NamedTuple):
+    """State of :func:`compress_state`: the inner state with compressed leaves replaced."""
+    inner: Any
+
+
+def is_quantized(x) -> bool:
+    """True for a :class:`GroupQuantized` or :class:`GroupQuantizedDRE` node."""
+    return isinstance(x, (GroupQuantized, GroupQuantizedDRE))
+
+
+def _check_fmt(fmt, argname="fmt"):
+    if fmt not in FORMATS:
+        raise ValueError(f"{argname}={fmt!r} is not a known format; valid: {FORMATS}")
+
+
+def dre_exponent(absmax, absmin, fmt: str = "fp8"):
+    """COAT's expansion exponent ``k = floor(16 log2(T) / log2(absmax/absmin)) / 16``.
+
+    ``absmin`` is the smallest nonzero magnitude of the group. ``k = 1`` where the ratio is
+    ``<= 1`` (constant or all-zero groups); k is clipped to ``[1/16, 1024]`` (the upper bound keeps
+    ``(a/M)^k`` away from f32 underflow for groups whose values agree to ~1e-6). A multiple of 1/16.
+    """
+    _check_fmt(fmt)
+    ratio = (absmax + _TINY) / (absmin + _TINY)
+    lr = jnp.log2(jnp.maximum(ratio, 1.0))
+    k = jnp.floor(16.0 * math.log2(_TARGET[fmt]) / jnp.where(lr > 0, lr, 1.0)) / 16.0
+    return jnp.where(lr > 0, jnp.clip(k, 1.0 / 16, 1024.0), 1.0).astype(jnp.float32)
+
+
+def group_quantize(x_GxS, fmt: str = "fp8", expand: bool = True):
+    """Quantize groups along the last axis of ``x_GxS`` (f32): returns ``(codes, absmax, k)``.
+
+    ``codes = sign(x) Q (|x|/M)^k`` clipped to ``[-Q, Q]`` then cast to int8 (rounded) or
+    float8_e4m3fn; ``k`` is :func:`dre_exponent` when ``expand`` else ones. The jnp reference that
+    ``jaxeff.kernels`` group (de)quantize kernels are checked against.
+
+    Raises ValueError for a format other than 'int8' or 'fp8'.
+    """
+    if fmt not in _QMAX:
+        raise ValueError(f"fmt={fmt!r}: group_quantize takes 'int8' or 'fp8'")
+    x = x_GxS.astype(jnp.float32)
+    a = jnp.abs(x)
+    mx = jnp.max(a, axis=-1)
+    nonzero = mx > 0
+    safe_mx = jnp.where(nonzero, mx, 1.0)
+    if expand:
+        mn = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=-1)
+        k = dre_exponent(mx, jnp.where(nonzero, mn, mx), fmt)
+    else:
+        k = jnp.ones_like(mx)
+    qmax = _QMAX[fmt]
+    if expand:  # in log2 space: a/M itself can be an f32 denormal, which XLA flushes to zero
+        e = k[..., None] * (jnp.log2(a) - jnp.log2(safe_mx)[..., None])
+        q = jnp.sign(x) * qmax * jnp.exp2(e)
+    else:       # Q/M is a normal number for any M < Q * 2^126
+        q = x * (qmax / safe_mx)[..., None]
+    q = jnp.clip(q, -qmax, qmax)
+    if fmt == "int8":
+        q = jnp.round(q)
+        if expand:  # k is floored at 1/16: for R > 127^16 keep nonzero values off code 0
+            q = jnp.where((q == 0) & (x != 0), jnp.sign(x), q)
+    codes = q.astype(jnp.int8) if fmt == "int8" else q.astype(jnp.float8_e4m3fn)
+    return codes, mx, k
+
+
+def group_dequantize(codes, absmax, k=None, fmt: str | None = None):
+    """Inverse of :func:`group_quantize`: ``x^ = sign(q) M (|q|/Q)^(1/k)`` in f32 (k=None: linear).
+
+    ``fmt`` defaults to the format implied by ``codes.dtype``. Raises ValueError on other dtypes.
+    """
+    if fmt is None:
+        fmt = "int8" if codes.dtype == jnp.int8 else "fp8" if codes.dtype == jnp.float8_e4m3fn else None
+    if fmt not in _QMAX:
+        raise ValueError(f"codes.dtype={codes.dtype}: expected int8 or float8_e4m3fn codes")
+    q = codes.astype(jnp.float32)
+    if k is None:
+        return q * (absmax / _QMAX[fmt])[..., None]
+    e = (jnp.log2(jnp.abs(q)) - math.log2(_QMAX[fmt])) / k[..., None]
+    return jnp.sign(q) * jnp.exp2(e + jnp.log2(absmax)[..., None])  # one exp2: no underflow
+
+
+def _grouping(shape, g):
+    """(lead_shape, tail, pad): the smallest suffix of axes whose size is a multiple of g is grouped
+    (leading axes stay intact so a leading-axis sharding survives); else everything, zero-padded."""
+    for i in range(len(shape) - 1, -1, -1):
+        tail = math.prod(shape[i:])
+        if tail % g == 0:
+            return tuple(shape[:i]), tail, 0
+    tail = math.prod(shape)
+    return (), tail, (-tail) % g
+
+
+def quantize(x, fmt: str = "fp8", group_size: int = 128, expand: bool = True):
+    """Compress an array into a :class:`GroupQuantized` / :class:`GroupQuantizedDRE` node.
+
+    Groups of ``group_size`` consecutive values over the trailing axes (see module docstring for
+    the formulas). Raises ValueError for a bad ``fmt`` or ``group_size``.
+    """
+    if fmt not in _QMAX:
+        raise ValueError(f"fmt={fmt!r}: quantize takes 'int8' or 'fp8'")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    lead, tail, pad = _grouping(x.shape, group_size)
+    x = x.reshape(lead + (tail,))
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
+    x = x.reshape(lead + ((tail + pad) // group_size, group_size))
+    codes, mx, k = group_quantize(x, fmt, expand)
+    return GroupQuantizedDRE(codes, mx, k) if expand else GroupQuantized(codes, mx)
+
+
+def dequantize(q, shape, dtype=jnp.float32):
+    """Decompress a node made by :func:`quantize` back to ``shape`` and ``dtype``."""
+    x = group_dequantize(q.codes, q.scale, q.k if isinstance(q, GroupQuantizedDRE) else None)
+    lead, tail, _ = _grouping(tuple(shape), q.codes.shape[-1])
+    x = x.reshape(lead + (-1,))[..., :tail]
+    return x.reshape(shape).astype(dtype)
+
+
+def quantize_like(node, x):
+    """Compress ``x`` the way ``node`` (a :func:`quantize` result) was compressed: same format,
+    group size and expansion; used to edit a compressed state in place (e.g. GaLore moment resets)."""
+    fmt = "int8" if node.codes.dtype == jnp.int8 else "fp8"
+    return quantize(x, fmt, node.codes.shape[-1], isinstance(node, GroupQuantizedDRE))
+
+
+def _encode(x, fmt, group_size, expand):
+    if fmt == "none":
+        return x
+    if fmt == "bf16":
+        return x.astype(jnp.bfloat16)
+    return quantize(x, fmt, group_size, expand)
+
+
+def compress_state(inner: optax.GradientTransformation, fmt: Any = "fp8", *, group_size: int = 128,
+                   expand: bool | None = None, min_size: int = 4096,
+                   select=None) -> optax.GradientTransformationExtraArgs:
+    """Keep ``inner``'s floating-point state leaves compressed between steps.
+
+    ``update`` decompresses the state to its original dtype, runs ``inner.update`` (all moment
+    arithmetic in the original precision, f32 for optax's moments) and compresses the new state::
+
+        s = decode(state);  u, s' = inner.update(g, s, params, **extra);  state' = encode(s')
+
+    Papers: COAT (Xi et al., 2024) for 'fp8' with ``expand``; 8-bit Optimizers via Block-wise
+    Quantization (Dettmers et al., 2022) for 'int8'. Works around any optax transform
+    (``scale_by_adam``, Sophia's scaling, ...) and as GaLore's inner transform (8-bit GaLore).
+
+    Args:
+      inner: the transform whose state is compressed.
+      fmt: 'fp8' (E4M3, default), 'int8', 'bf16' or 'none' (identity, for testing); or a list of
+        ``(regex, fmt)`` rules over the inner state's leaf paths (e.g. ``[('mu', 'fp8'),
+        ('nu', 'int8')]``; unmatched leaves stay uncompressed).
+      group_size: values per quantization group (default 128, COAT's ``qgroup_size``).
+      expand: use Dynamic Range Expansion (default True for both 'fp8' and 'int8'). With
+        ``expand=False`` 'int8' is plain absmax (bitsandbytes' linear variant), which flushes second
+        moments below absmax/254 to zero; that is why DRE is the default for int8 too.
+      min_size: leaves with fewer values stay uncompressed (default 4096, bitsandbytes' threshold).
+      select: optional selector (``jaxeff.select`` convention) over the inner state's leaf paths;
+        default: every floating-point leaf.
+
+    Raises:
+      ValueError: unknown ``fmt``, ``group_size <= 0``, ``min_size < 0``, or a ``select`` that
+        matches no state leaf (at ``init``).
+    """
+    rules = isinstance(fmt, (list, tuple))
+    for f in ([v for _, v in fmt] if rules else [fmt]):
+        _check_fmt(f)
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    if not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"min_size={min_size!r} must be a non-negative int")
+    inner = optax.with_extra_args_support(inner)
+
+    def plan(state):
+        """Per state leaf: the format to store it in (None: keep as is)."""
+        fmts = select_values(fmt, state, argname="fmt", allow_empty=True, default=None)
+        mask = select_mask(select, state, argname="select", allow_empty=select is None)
+
+        def one(leaf, f, m):
+            ok = (m and f not in (None, "none") and jnp.issubdtype(leaf.dtype, jnp.floating)
+                  and math.prod(leaf.shape) >= min_size)
+            return f if ok else None
+        return jax.tree.map(one, state, fmts, mask)
+
+    def encode(state):
+        xs = plan(state)
+        exp = {"int8": True, "fp8": True} if expand is None else {"int8": expand, "fp8": expand}
+        return jax.tree.map(lambda x, f: x if f is None else _encode(x, f, group_size, exp.get(f)),
+                            state, xs)
+
+    def init_fn(params):
+        return CompressedState(encode(inner.init(params)))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        ref = jax.eval_shape(inner.init, params if params is not None else updates)
+        decoded = jax.tree.map(
+            lambda r, s: dequantize(s, r.shape, r.dtype) if is_quantized(s) else s.astype(r.dtype),
+            ref, state.inner, is_leaf=is_quantized)
+        new_updates, new_inner = inner.update(updates, decoded, params, **extra_args)
+        return new_updates, CompressedState(encode(new_inner))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+quantize_state = compress_state  # the name TECHNIQUES.md §3 uses
+
+
+def describe_state(state) -> dict:
+    """Bytes of a (possibly abstract) state tree by dtype, for the memory study."""
+    out: dict = {}
+    for leaf in jax.tree.leaves(state):
+        key = str(jnp.dtype(leaf.dtype))
+        out[key] = out.get(key, 0) + math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+    return out
