@@ -26,6 +26,7 @@ adapter. ``jaxeff.models.llama`` is never imported by the library itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
@@ -133,8 +134,7 @@ def abstract_params(cfg: LlamaConfig) -> dict:
 
 def param_count(params) -> int:
     """Total number of scalar parameters in a pytree (works on abstract shapes too)."""
-    return int(sum(int(jnp.size(x)) if hasattr(x, "size") else 0
-                   for x in jax.tree.leaves(params)))
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params) if hasattr(x, "shape")))
 
 
 # --------------------------------------------------------------------------------------------
