@@ -7,7 +7,14 @@
 warmup-stable-decay schedule, so the only change from the baseline is the optimizer. The GNB
 estimate uses the step's own batch (B = its unmasked tokens) and runs inside the step
 (``lax.cond``). Extra numbers: the win rate (fraction of coordinates not clipped; the authors
-advise 0.1-0.5), its mean over the logged steps, and the final rho.
+advise 0.1-0.5), its mean over the logged steps, and the settings.
+
+Measured (``python -m experiments.speedrun --recipes baseline,sophia``, 200 steps of 16x128
+tokens, 2-core CPU shared with other jobs): final validation loss 2.980 vs the baseline's 2.244
+(target not reached); win rate rising from 0.03 to 0.28 (mean 0.11). On this short run the
+Hessian EMA (b2 0.99 per refresh, 20 refreshes) stays far below its steady state, so most
+coordinates are clipped and the update is close to sign-momentum descent with a per-coordinate
+step of lr: median update norm 2.85 vs AdamW's 0.58.
 """
 
 import json
@@ -47,7 +54,7 @@ def run(ctx):
     res = ctx.train("sophia", ctx.init_params(), make_tx(ctx), extra_args=sophia_extra_args(),
                     metrics_fn=lambda opt_state: {"win_rate": sophia_win_rate(opt_state)})
     wins = _win_rates(res["metrics_path"])
-    return ctx.result(res, rho=RHO, weight_decay=WEIGHT_DECAY, update_interval=K,
+    return ctx.result(res, rho=RHO, weight_decay=WEIGHT_DECAY, update_interval=K, b1=B1, b2=B2,
                       win_rate_final=wins[-1] if wins else None,
                       win_rate_mean=sum(wins) / len(wins) if wins else None)
 

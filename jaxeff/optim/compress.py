@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.select import path_str, select_mask, select_values
+from jaxeff.select import select_mask, select_values
 
 __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
            "group_dequantize", "quantize", "dequantize", "dre_exponent", "compress_state",

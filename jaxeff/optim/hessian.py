@@ -1,4 +1,4 @@
-"""Diagonal-Hessian estimators for Sophia: Gauss-Newton-Bartlett (Sophia-G) and Hutchinson (Sophia-H).
+"""Diagonal-Hessian estimators for Sophia: Gauss-Newton-Bartlett (Sophia-G), Hutchinson (Sophia-H).
 
 Paper: "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training"
 (Liu et al., 2023), Section 2.3.
@@ -111,7 +111,8 @@ class GaussNewtonBartlett:
         # d mean_CE(logits, y_hat) / d logits, pulled back through the model in one VJP
         # (no second forward pass).
         onehot = jax.nn.one_hot(y_hat, logits.shape[-1], dtype=jnp.float32)
-        cot = (jax.nn.softmax(logits32, axis=-1) - onehot) * (mask / jnp.maximum(n_tokens, 1.0))[..., None]
+        weight = mask / jnp.maximum(n_tokens, 1.0)
+        cot = (jax.nn.softmax(logits32, axis=-1) - onehot) * weight[..., None]
         (g_hat,) = vjp_fn(cot.astype(logits.dtype))
         if self.axis_name is not None:
             g_hat = jax.lax.psum(g_hat, self.axis_name)

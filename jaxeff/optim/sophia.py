@@ -34,20 +34,30 @@ Calling convention (a ``GradientTransformationExtraArgs``)::
 
 :func:`sophia_extra_args` builds the ``extra_args(params, batch, key)`` function for
 ``jaxeff.train.make_train_step``; :func:`sophia_win_rate` reads the win rate (fraction of
-coordinates not clipped; the authors advise keeping it in 0.1-0.5) from any optimizer state.
+coordinates not clipped; the authors advise keeping it in 0.1-0.5) from any optimizer state::
 
-Which refresh uses less memory (measured; ``python -m experiments.bench_sophia``: compiled
-``memory_analysis`` of a whole tiny-llama train step, batch 8x128, k 10, CPU, jax 0.10.2)::
+    logits_fn = lambda p, b: llama.forward(p, b["inputs"], cfg, b["segment_ids"], b["positions"])
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     sophia(schedule, gnb(logits_fn), rho=0.05, weight_decay=0.2))
+    step = make_train_step(loss_fn, tx, extra_args=sophia_extra_args(),
+                           metrics_fn=lambda s: {"win_rate": sophia_win_rate(s)})
+    # or, separately compiled refresh:
+    step = split_refresh(make_train_step(loss_fn, tx, extra_args=sophia_extra_args(True)),
+                         make_train_step(loss_fn, tx, extra_args=sophia_extra_args(False)))
 
-    AdamW                                temp 106.8 MB   peak 118.9 MB   (1.00x)
-    Sophia-G, lax.cond in the step       temp 194.9 MB   peak 207.0 MB   (1.74x)
-    Sophia-G, separately compiled        refresh step: temp 111.3 MB, peak 123.3 MB (1.04x);
-                                         plain step: temp 106.8 MB (= AdamW)
+Which refresh costs less (measured; ``python -m experiments.bench_sophia --rounds 10``: whole
+tiny-llama train steps, batch 8x128, k 10, 2-core CPU, jax 0.10.2; peak from the compiled
+``memory_analysis``, time amortised over refresh intervals, ratios to AdamW)::
+
+    Sophia-G, lax.cond in the step       time 1.17x   temp 194.9 MB   peak 1.74x
+    Sophia-G, separately compiled        time 1.06x   temp 111.3 MB   peak 1.04x  (AdamW 106.8)
 
 The ``lax.cond`` step reserves the estimator's forward/backward buffers on every step on top
 of the training backward's (our reading: XLA's buffer assignment does not reuse the training
-activations' space inside the conditional's branch), so prefer ``refresh=True/False`` with :func:`split_refresh` when memory matters: its peak is AdamW's
-plus about one parameter-sized tensor (g_hat). The state itself (m, h) is the size of AdamW's.
+activations' space inside the conditional's branch) and is slower on every step, so prefer
+``refresh=True/False`` with :func:`split_refresh`: its peak is AdamW's plus about one
+parameter-sized tensor (g_hat), and its no-refresh step reserves exactly AdamW's temporaries.
+The state itself (m, h) is the size of AdamW's (m, v).
 """
 
 from __future__ import annotations
@@ -112,7 +122,9 @@ def _validate(b1, b2, rho, eps, clip_threshold, update_interval):
 def is_refresh_step(step: int, update_interval: int = 10, reference_mode: bool = False) -> bool:
     """Whether the update with 0-based index ``step`` refreshes h (host-side, for refresh=bool).
 
-    Default: ``step % k == 0``; ``reference_mode``: ``step % k == 0 and step > 0``.
+    Default: ``step % k == 0`` (paper, Algorithm 3); ``reference_mode``: ``step % k == 0 and
+    step > 0`` (reference SophiaG refreshes after iterations with ``iter % k == k - 1``).
+    Args: ``step`` (int), ``update_interval`` k (default 10), ``reference_mode`` (default False).
     """
     return step % update_interval == 0 and (step > 0 or not reference_mode)
 
@@ -265,8 +277,9 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
         n_win = sum(jnp.sum(jnp.abs(r) < clip_threshold, dtype=jnp.float32)
                     for r in jax.tree.leaves(ratio))
         win_rate = n_win / max(n_total, 1) if n_total else jnp.zeros([], jnp.float32)
-        out = jax.tree.map(lambda r, g: jnp.clip(r, -clip_threshold, clip_threshold).astype(g.dtype),
-                           ratio, updates)
+        out = jax.tree.map(
+            lambda r, g: jnp.clip(r, -clip_threshold, clip_threshold).astype(g.dtype),
+            ratio, updates)
         return out, SophiaState(count=count_inc, mu=mu, h=h, n_refresh=n_refresh, key=new_key,
                                 win_rate=jnp.asarray(win_rate, jnp.float32))
 
@@ -324,8 +337,10 @@ def sophia(learning_rate, estimator, b1: float = 0.965, b2: float = 0.99,
 def sophia_extra_args(refresh: Optional[bool] = None):
     """``extra_args(params, batch, key) -> dict`` for ``jaxeff.train.make_train_step``.
 
-    Returns ``dict(batch=batch, key=key, unmasked_params=params, refresh=refresh)``; build two
-    train steps with ``refresh=True`` and ``refresh=False`` for the separately-compiled refresh.
+    Returns ``dict(batch=batch, key=key, unmasked_params=params, refresh=refresh)``: what
+    Sophia's ``update`` needs (module docstring). ``refresh``: ``None`` (default, ``lax.cond``
+    in the step) or a Python bool, for the two separately compiled steps of
+    :func:`split_refresh`. Raises TypeError for any other ``refresh``.
     """
     if refresh is not None and not isinstance(refresh, bool):
         raise TypeError(f"refresh must be None, True or False; got {refresh!r}")
