@@ -181,6 +181,8 @@ def chunk_documents(docs, size: int):
 
 
 def hq_subset(docs, tok, target_tokens):
+    """The highest-:func:`quality` documents of ``docs``, until they hold about
+    ``target_tokens`` tokens (at least one document)."""
     ranked = sorted(docs, key=lambda d: -quality(d.text))
     keep, total = [], 0
     for d in ranked:
