@@ -1,6 +1,6 @@
 """The main job: train the reference workload with a baseline and with every jaxeff recipe.
 
-    python -m experiments.speedrun                    # all recipes, ~10 minutes on 2 CPU cores
+    python -m experiments.speedrun                    # all recipes, 100 steps each, ~10 min on 2 cores
     python -m experiments.speedrun --quick            # 1-minute smoke run
     python -m experiments.speedrun --recipes baseline,sophia --steps 400 --model small
 
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxeff import data as jdata
+from jaxeff.data import epochs
 from jaxeff import schedules, train
 from jaxeff.models import llama
 from jaxeff.params.structured import materialize
@@ -94,6 +95,7 @@ class SpeedrunContext:
                              f"tokenizer's {self.tokenizer.vocab_size}")
         self.train_corpus = jdata.load_stdlib_corpus("train")
         self.val_corpus = jdata.load_stdlib_corpus("validation")
+        self.unique_tokens = epochs.unique_target_tokens(self.train_corpus, self.tokenizer)
         self._eval = None
 
     # -- data ------------------------------------------------------------------------------
@@ -101,12 +103,19 @@ class SpeedrunContext:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 
-    def train_data(self, corpus=None, seed: Optional[int] = None, **kw):
-        """An iterator of training batches (Grain; checkpointable)."""
-        ds = jdata.make_lm_dataset(self.train_corpus if corpus is None else corpus,
-                                   self.tokenizer, self.seq_len, self.batch_size,
+    def train_data(self, corpus=None, seed: Optional[int] = None, max_epochs: float = 1.0,
+                   **kw):
+        """An iterator of training batches (Grain; checkpointable) that counts the epochs it
+        has served (``it.counter.epochs``) and warns (``RepeatedDataWarning``) once it repeats
+        ``corpus`` (default: the training split) more than ``max_epochs`` times."""
+        corpus = self.train_corpus if corpus is None else corpus
+        ds = jdata.make_lm_dataset(corpus, self.tokenizer, self.seq_len, self.batch_size,
                                    seed=self.seed if seed is None else seed, **kw)
-        return iter(ds)
+        unique = (self.unique_tokens if corpus is self.train_corpus
+                  else epochs.unique_target_tokens(corpus, self.tokenizer))
+        what = f"speedrun data ({getattr(corpus, 'name', 'custom corpus')})"
+        return epochs.CountingIterator(iter(ds), epochs.EpochCounter(unique),
+                                       max_epochs=max_epochs, what=what)
 
     def eval_batches(self):
         """The fixed validation batches (every 4th validation document, in order)."""
@@ -145,20 +154,31 @@ class SpeedrunContext:
                                        weight_decay=weight_decay))
 
     # -- training --------------------------------------------------------------------------
+    def make_step(self, loss_fn, tx, **kw):
+        """``train.make_train_step`` on this run's mesh (for recipes that build their own step,
+        e.g. Sophia's separately compiled refresh step)."""
+        return train.make_train_step(loss_fn, tx, mesh=self.mesh, **kw)
+
     def train(self, name: str, params, tx, *, steps: Optional[int] = None, loss_fn=None,
               extra_args=None, metrics_fn=None, data=None, eval_params=None,
-              tokens_offset: int = 0, state=None, structured: bool = False) -> dict:
-        """One training segment; returns ``train.fit``'s result plus ``param_bytes`` and
-        ``opt_state_bytes``. ``structured`` materializes params for the loss and evaluation."""
+              tokens_offset: int = 0, state=None, structured: bool = False,
+              step_fn=None, cfg: Optional[llama.LlamaConfig] = None) -> dict:
+        """One training segment; returns ``train.fit``'s result plus ``param_bytes``,
+        ``opt_state_bytes`` and ``epochs`` (of the data iterator so far).
+
+        ``structured`` materializes params for the loss and evaluation; ``step_fn`` replaces the
+        standard step (``loss_fn``/``extra_args``/``metrics_fn`` are then ignored); ``cfg`` is the
+        model config of this segment (width- or depth-changing recipes), default the run's."""
         steps = self.steps if steps is None else steps
-        loss_fn = loss_fn or self.loss_fn(structured=structured)
+        loss_fn = loss_fn or self.loss_fn(cfg, structured=structured)
         if eval_params is None:
             eval_params = materialize if structured else (lambda p: p)
-        dense_loss = self.loss_fn()
+        dense_loss = self.loss_fn(cfg)
         state = state or train.init_train_state(params, tx, seed=self.seed)
-        step_fn = train.make_train_step(loss_fn, tx, extra_args=extra_args,
-                                        metrics_fn=metrics_fn, mesh=self.mesh)
-        res = train.fit(state, step_fn, data or self.train_data(), steps=steps,
+        if step_fn is None:
+            step_fn = self.make_step(loss_fn, tx, extra_args=extra_args, metrics_fn=metrics_fn)
+        data = data or self.train_data()
+        res = train.fit(state, step_fn, data, steps=steps,
                         eval_fn=train.make_eval_fn(dense_loss), eval_batches=self.eval_batches,
                         eval_every=self.eval_every, eval_params=eval_params,
                         tokens_per_step=self.tokens_per_step, tokens_offset=tokens_offset,
@@ -166,10 +186,14 @@ class SpeedrunContext:
                         progress=self.progress, desc=name)
         res["param_bytes"] = tree_bytes(res["state"].params)
         res["opt_state_bytes"] = tree_bytes(res["state"].opt_state)
+        counter = getattr(data, "counter", None)
+        res["epochs"] = counter.epochs if counter is not None else None
         return res
 
     def result(self, res: dict, **extra) -> RecipeResult:
         """Turn one ``train`` segment into a :class:`RecipeResult`."""
+        if res.get("epochs") is not None:
+            extra = {"epochs": round(res["epochs"], 4), **extra}
         return RecipeResult(history=res["history"], wall_s=res["wall_s"],
                             steps_per_s=res["steps_per_s"], param_bytes=res["param_bytes"],
                             opt_state_bytes=res["opt_state_bytes"], extra=extra)
@@ -271,7 +295,7 @@ def build_context(args) -> SpeedrunContext:
     if args.quick:
         steps, bs, seq, ev_every, ev_n = args.steps or 12, 4, 64, 6, 2
     else:
-        steps, bs, seq, ev_every, ev_n = args.steps or 200, 16, 128, 25, 8
+        steps, bs, seq, ev_every, ev_n = args.steps or 100, 16, 128, 10, 8
     steps = max(int(steps), 1)
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, seq))
     mesh = None
@@ -320,6 +344,10 @@ def main(argv=None) -> dict:
     print(f"jaxeff speedrun: model={args.model} ({llama.param_count(ctx.init_params()):,} params) "
           f"steps={ctx.steps} batch={ctx.batch_size}x{ctx.seq_len} recipes={names} -> {ctx.out_dir}",
           flush=True)
+    planned = epochs.check_repetition(ctx.steps * ctx.tokens_per_step, ctx.unique_tokens,
+                                      what=f"each recipe ({ctx.steps} steps)")
+    print(f"  each recipe trains on at most {planned.tokens:,} target tokens = "
+          f"{planned.epochs:.3f} epochs of the {ctx.unique_tokens:,}-token training split", flush=True)
     results, errors = {}, {}
     t0 = time.perf_counter()
     for n in names:
@@ -345,6 +373,7 @@ def main(argv=None) -> dict:
         "seq_len": ctx.seq_len, "tokens_per_step": ctx.tokens_per_step,
         "corpus": {"name": ctx.train_corpus.name,
                    "fingerprint": jdata.corpus_fingerprint(jdata.load_stdlib_corpus("all"))},
+        "unique_train_tokens": ctx.unique_tokens, "planned_epochs": planned.epochs,
         "target_val_loss": target, "rows": rows, "errors": errors,
         "histories": {k: v.history for k, v in results.items()},
         "total_wall_s": time.perf_counter() - t0, "table": table,

@@ -28,6 +28,25 @@ def test_quick_baseline(tmp_path):
     assert s["rows"][0]["recipe"] == "baseline" and s["rows"][0]["tokens"] == 4 * 4 * 64
     assert len(s["corpus"]["fingerprint"]) == 64
     assert summary["target_val_loss"] == s["target_val_loss"]
+    # epoch accounting: the trained target tokens over the split's unique target tokens
+    unique = s["unique_train_tokens"]
+    assert unique > 1_000_000
+    assert s["planned_epochs"] == pytest.approx(4 * 4 * 64 / unique)
+    assert 0 < s["rows"][0]["extra"]["epochs"] <= s["planned_epochs"] + 1e-4
+
+
+def test_train_data_counts_and_warns_on_repeats(tmp_path):
+    from jaxeff import data as jdata
+    from jaxeff.data.epochs import RepeatedDataWarning
+    ctx = speedrun.build_context(speedrun.parse_args(["--quick", "--out", str(tmp_path)]))
+    small = jdata.Corpus(list(ctx.train_corpus)[:2], "two-docs")
+    it = ctx.train_data(corpus=small)
+    with pytest.warns(RepeatedDataWarning, match="two-docs"):
+        for _ in range(200):
+            next(it)
+            if it.counter.epochs > 1.0:
+                break
+    assert it.counter.epochs > 1.0
 
 
 def test_unknown_recipe_is_an_error():
