@@ -35,7 +35,6 @@ share of the exact top-r energy the randomized projector keeps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import random_batch, write_json
 from jaxeff import train
 from jaxeff.models import llama
 from jaxeff.optim.compress import compress_state
@@ -55,15 +55,6 @@ from jaxeff.optim.projection import randomized_projector, svd_projector
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 PROJ = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
-
-def make_batch(cfg, batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    tok = rng.integers(0, min(cfg.vocab_size, 256), (batch, seq + 1), dtype=np.int32)
-    return {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
 
 
 def variants(cfg, gap, lr=1e-3):
@@ -94,7 +85,7 @@ def variants(cfg, gap, lr=1e-3):
 def bench_steps(args):
     cfg = llama.PRESETS[args.model].replace(max_seq_len=max(args.seq, 16))
     params = llama.init_params(jax.random.key(0), cfg)
-    batch = make_batch(cfg, args.batch, args.seq)
+    batch = random_batch(cfg, args.batch, args.seq)
     loss = lambda p, b: llama.loss_fn(p, b, cfg)
     txs = variants(cfg, args.gap)
     if args.only:
@@ -214,10 +205,7 @@ def main(argv=None):
         out["steps"] = bench_steps(args)
     if not args.skip_refresh:
         out["refresh"] = bench_refresh(args)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(out, args.out)
     return out
 
 

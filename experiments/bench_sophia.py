@@ -43,7 +43,6 @@ tensor: 4.0 MiB); the ``lax.cond`` refresh does not (12-17% slower, 1.74x peak).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -52,21 +51,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from experiments.common import random_batch, write_json
 from jaxeff import train
 from jaxeff.models import llama
 from jaxeff.optim.sophia import gnb, hutchinson, sophia, sophia_extra_args, split_refresh
-
-
-def make_batch(cfg, batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    tok = rng.integers(0, min(cfg.vocab_size, 256), (batch, seq + 1), dtype=np.int32)
-    return {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32),
-            "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-            "loss_mask": jnp.ones((batch, seq), jnp.float32)}
 
 
 def memory(compiled) -> dict:
@@ -111,7 +101,7 @@ def main(argv=None):
 
     cfg = llama.PRESETS[args.model].replace(max_seq_len=max(args.seq, 16))
     params = llama.init_params(jax.random.key(0), cfg)
-    batch = make_batch(cfg, args.batch, args.seq)
+    batch = random_batch(cfg, args.batch, args.seq)
     variants, loss = build_variants(cfg, args.batch, args.k, 1e-3)
     if args.only:
         variants = {n: v for n, v in variants.items() if n in args.only.split(",")}
@@ -180,14 +170,11 @@ def main(argv=None):
                        "backend": jax.default_backend(), "devices": len(jax.devices())},
            "model": args.model, "batch": args.batch, "seq": args.seq, "k": args.k,
            "rounds": args.rounds, "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_json(out, args.out)
     for row in rows:
         if len(row["by_executable"]) > 1:
             print(f"{row['variant']}: temp MB by executable (refresh flag): " + ", ".join(
                 f"{r}={m['temp'] / 2**20:.2f}" for r, m in row["by_executable"].items()))
-    print(f"wrote {args.out}")
     return out
 
 

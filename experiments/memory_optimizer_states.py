@@ -27,8 +27,6 @@ with block 2048); the table states what these implementations store.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import sys
@@ -37,16 +35,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.common import write_json
 from jaxeff.models import llama
 from jaxeff.optim.compress import compress_state
 from jaxeff.optim.galore import galore
+from jaxeff.params.accounting import tree_bytes
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 SIZES = ("125m", "350m", "1b")
-
-
-def tree_bytes(tree) -> int:
-    return int(sum(jnp.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _compressed_adam(fmt):
@@ -95,10 +91,7 @@ def main(argv=None):
     out = {"command": " ".join(["python -m experiments.memory_optimizer_states"] +
                                (argv if argv is not None else sys.argv[1:])),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(out, args.out)
     return out
 
 

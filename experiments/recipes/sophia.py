@@ -28,7 +28,8 @@ from jaxeff.optim.sophia import gnb, sophia, sophia_extra_args, sophia_win_rate,
 RHO, WEIGHT_DECAY, B1, B2, K = 0.05, 0.2, 0.965, 0.99, 10
 
 
-def make_tx(ctx):
+def make_tx(ctx, peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY):
+    """The recipe's optimizer; ``peak_lr`` (default the baseline's) and ``rho`` for sweeps."""
     cfg = ctx.cfg
 
     def logits_fn(params, batch):
@@ -37,8 +38,8 @@ def make_tx(ctx):
 
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        sophia(ctx.schedule(), gnb(logits_fn), b1=B1, b2=B2, rho=RHO,
-               weight_decay=WEIGHT_DECAY, update_interval=K))
+        sophia(ctx.schedule(peak_lr), gnb(logits_fn), b1=B1, b2=B2, rho=rho,
+               weight_decay=weight_decay, update_interval=K))
 
 
 def _win_rates(path):
@@ -50,15 +51,23 @@ def _win_rates(path):
     return [r["win_rate"] for r in rows if "win_rate" in r]
 
 
-def run(ctx):
-    tx, loss_fn = make_tx(ctx), ctx.loss_fn()
+def train_sophia(ctx, name="sophia", peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY):
+    """One Sophia-G training segment with the separately compiled refresh step; returns the
+    ``ctx.train`` result plus ``win_rates`` (logged every 10 steps)."""
+    tx, loss_fn = make_tx(ctx, peak_lr, rho, weight_decay), ctx.loss_fn()
     metrics_fn = lambda opt_state: {"win_rate": sophia_win_rate(opt_state)}  # noqa: E731
     step_fn = split_refresh(
         ctx.make_step(loss_fn, tx, extra_args=sophia_extra_args(True), metrics_fn=metrics_fn),
         ctx.make_step(loss_fn, tx, extra_args=sophia_extra_args(False), metrics_fn=metrics_fn),
         update_interval=K)
-    res = ctx.train("sophia", ctx.init_params(), tx, step_fn=step_fn)
-    wins = _win_rates(res["metrics_path"])
+    res = ctx.train(name, ctx.init_params(), tx, step_fn=step_fn)
+    res["win_rates"] = _win_rates(res["metrics_path"])
+    return res
+
+
+def run(ctx):
+    res = train_sophia(ctx)
+    wins = res["win_rates"]
     return ctx.result(res, rho=RHO, weight_decay=WEIGHT_DECAY, update_interval=K, b1=B1, b2=B2,
                       win_rate_final=wins[-1] if wins else None,
                       win_rate_mean=sum(wins) / len(wins) if wins else None)
