@@ -21,6 +21,13 @@ we store ``M`` and ``k`` (8 bytes per group instead of 12); the codes are identi
 ``[-Q, Q]`` before the cast (``float8_e4m3fn`` casts do not saturate: 449 becomes NaN) and int8
 codes are rounded to nearest. Storage: 1 byte per value plus 4 (linear) or 8 (DRE) bytes per group.
 
+Layout: groups run over the smallest suffix of trailing axes whose size ``g`` divides, so the
+leading axes (e.g. the stacked layer axis) stay intact and a leading-axis sharding survives
+compression; codes are ``[..., G, g]``. ``jaxeff.kernels.group_quant`` flattens a whole tensor
+instead; given this module's grouped view flattened to ``[-1, g]`` it produces the same groups and
+the same codes (its int8 ``scale`` is ``absmax / 127``; rounding differs only at exact ties,
+``tests/optim/test_compress_kernels.py``), so a fused GPU kernel can serve either.
+
 :func:`compress_state` wraps any optax transform so that its floating-point state leaves are kept
 compressed between steps and decompressed (to their original dtype) inside ``update``.
 """
