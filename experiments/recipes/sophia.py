@@ -28,8 +28,9 @@ from jaxeff.optim.sophia import gnb, sophia, sophia_extra_args, sophia_win_rate,
 RHO, WEIGHT_DECAY, B1, B2, K = 0.05, 0.2, 0.965, 0.99, 10
 
 
-def make_tx(ctx, peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY):
-    """The recipe's optimizer; ``peak_lr`` (default the baseline's) and ``rho`` for sweeps."""
+def make_tx(ctx, peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY, bias_correction=False):
+    """The recipe's optimizer; ``peak_lr`` (default the baseline's), ``rho`` and
+    ``bias_correction`` for sweeps."""
     cfg = ctx.cfg
 
     def logits_fn(params, batch):
@@ -39,7 +40,7 @@ def make_tx(ctx, peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY):
     return optax.chain(
         optax.clip_by_global_norm(1.0),
         sophia(ctx.schedule(peak_lr), gnb(logits_fn), b1=B1, b2=B2, rho=rho,
-               weight_decay=weight_decay, update_interval=K))
+               weight_decay=weight_decay, update_interval=K, bias_correction=bias_correction))
 
 
 def _win_rates(path):
@@ -51,10 +52,11 @@ def _win_rates(path):
     return [r["win_rate"] for r in rows if "win_rate" in r]
 
 
-def train_sophia(ctx, name="sophia", peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY):
+def train_sophia(ctx, name="sophia", peak_lr=None, rho=RHO, weight_decay=WEIGHT_DECAY,
+                 bias_correction=False):
     """One Sophia-G training segment with the separately compiled refresh step; returns the
     ``ctx.train`` result plus ``win_rates`` (logged every 10 steps)."""
-    tx, loss_fn = make_tx(ctx, peak_lr, rho, weight_decay), ctx.loss_fn()
+    tx, loss_fn = make_tx(ctx, peak_lr, rho, weight_decay, bias_correction), ctx.loss_fn()
     metrics_fn = lambda opt_state: {"win_rate": sophia_win_rate(opt_state)}  # noqa: E731
     step_fn = split_refresh(
         ctx.make_step(loss_fn, tx, extra_args=sophia_extra_args(True), metrics_fn=metrics_fn),

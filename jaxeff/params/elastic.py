@@ -38,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 
-from jaxeff.params.growth import gather_layers, layer_count
+from jaxeff.params.layers import gather_layers, layer_count
 from jaxeff.select import path_str, select_mask
 
 __all__ = ["ElasticSize", "spec_units", "resolve_size", "extract_subnetwork", "elastic_loss",
