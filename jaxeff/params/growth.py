@@ -194,7 +194,9 @@ def grow_train_state(state, grow: Callable[[Any], Any], *, tx=None, opt_state: s
             raise ValueError("opt_state='grow': no part of the optimizer state has the params' "
                              "structure and shapes (e.g. a masked or factored state); use "
                              "opt_state='fresh' with tx")
-    step, rng = state.step, state.rng
+    # fresh buffers: the grown state must not alias the old one (a donating train step would
+    # otherwise delete the old state's step/rng)
+    step, rng = jnp.array(state.step, copy=True), jnp.array(state.rng, copy=True)
     if reset_step:
         rng = jax.random.fold_in(rng, step)
         step = jnp.zeros_like(step)

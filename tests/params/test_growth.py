@@ -195,6 +195,9 @@ def test_grow_train_state_grows_moments(toy):
                             reset_step=False)
     assert set(_count_leaves(kept.opt_state)) == {3} and int(kept.step) == 3
     np.testing.assert_array_equal(kept.rng, state.rng)
+    # no aliasing: every leaf of the grown state is a fresh buffer, so donating it is safe
+    old_ptrs = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)}
+    assert not old_ptrs & {x.unsafe_buffer_pointer() for x in jax.tree.leaves(kept)}
 
 
 def test_grow_train_state_bad_inputs(toy):
