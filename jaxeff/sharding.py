@@ -8,6 +8,7 @@ mesh axis. Under ``jit`` the computation is then the same as on one device, only
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Optional
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["make_mesh", "parse_mesh", "fsdp_shardings", "batch_sharding", "replicated",
-           "shard_tree"]
+           "shard_tree", "collectives"]
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
@@ -79,3 +80,25 @@ def shard_tree(tree, shardings: Optional[object]):
     if shardings is None:
         return tree
     return jax.device_put(tree, shardings)
+
+
+_COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def collectives(hlo_text: str, ops=("all-gather",)) -> list:
+    """``(op, result_shape)`` for every collective of a kind in ``ops`` in HLO text.
+
+    Use on ``jax.jit(f, ...).lower(*args).compile().as_text()`` to see what a sharded program
+    communicates, e.g. that an optimizer update gathers no full weight matrix. Kinds: 'all-gather',
+    'all-reduce', 'all-to-all', 'reduce-scatter', 'collective-permute' (async ``-start`` forms
+    included); a tuple-shaped result gives one entry per element. Raises nothing: unknown kinds
+    simply match no line.
+    """
+    out = []
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m and m.group(2) in ops:
+            for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", m.group(1)):
+                out.append((m.group(2), tuple(int(d) for d in dims.split(",") if d)))
+    return out

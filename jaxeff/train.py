@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from jaxeff import sharding as shd
+from jaxeff import state_sharding as ss
 
 __all__ = ["TrainState", "init_train_state", "make_train_step", "make_eval_fn", "evaluate",
            "state_shardings", "fit", "FitResult"]
@@ -52,10 +53,40 @@ def init_train_state(params, tx: optax.GradientTransformation, seed: int = 0) ->
                       rng=jax.random.PRNGKey(seed))
 
 
-def state_shardings(state: TrainState, mesh, axis: str = "fsdp", min_size: int = 2 ** 12):
-    """FSDP shardings for a whole train state (params and optimizer state alike: each large
-    leaf split along its largest axis divisible by the ``axis`` size; small leaves replicated)."""
-    return shd.fsdp_shardings(state, mesh, axis=axis, min_size=min_size)
+def state_shardings(state: TrainState, mesh, axis: str = "fsdp", min_size: int = 2 ** 12, *,
+                    param_shardings=None):
+    """Shardings for a whole train state: FSDP for the params, the params' layout for the
+    optimizer state.
+
+    Params: ``param_shardings`` if given, else :func:`jaxeff.state_sharding.fsdp_param_shardings`
+    (each leaf of at least ``min_size`` values split along its largest axis divisible by the
+    ``axis`` size; structured weights through their factors). Optimizer state:
+    :func:`jaxeff.state_sharding.derive_shardings` from those params' shardings (moments, Sophia's
+    Hessian EMA, pruning masks follow their param; GaLore projectors and low-rank moments, and
+    compressed codes, follow the param's sharded axis), with the FSDP rule for leaves that belong
+    to no param. ``step``, ``rng`` and any other field keep the FSDP rule (small leaves
+    replicated); so does every leaf of a state without ``params``/``opt_state`` (the behaviour
+    before the optimizer-state rules).
+
+    Args:
+      state: a :class:`TrainState` (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+        ``jax.eval_shape``); after growth, pass the grown state: everything is re-derived.
+      mesh: the ``jax.sharding.Mesh``.
+      axis: the FSDP mesh axis (default 'fsdp'); min_size: smallest sharded leaf (default 4096).
+      param_shardings: optional tree of ``NamedSharding`` for ``state.params`` (e.g. tensor
+        parallel layouts) from which the optimizer state is derived instead.
+
+    Raises: what :func:`jaxeff.state_sharding.derive_shardings` raises for ``param_shardings``
+    that do not match the params.
+    """
+    base = shd.fsdp_shardings(state, mesh, axis=axis, min_size=min_size)  # step, rng, extras
+    if not (hasattr(state, "params") and hasattr(state, "opt_state") and hasattr(base, "replace")):
+        return base
+    psh = param_shardings if param_shardings is not None else ss.fsdp_param_shardings(
+        state.params, mesh, axis=axis, min_size=min_size)
+    osh = ss.derive_shardings(state.opt_state, state.params, psh, mesh,
+                              fallback=ss.fsdp_fallback(mesh, axis=axis, min_size=min_size))
+    return base.replace(params=psh, opt_state=osh)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
