@@ -13,7 +13,7 @@ Every technique module is a submodule (``jaxeff.optim.galore`` is the module; it
 * :mod:`~jaxeff.optim.layerwise` -- layer-wise learning-rate decay and the SLCA slow learner.
 """
 from jaxeff.optim import (compress, galore, hessian, layerwise, param_ema, projection,
-                          sophia, sparsity)
+                          sophia, sparsity, sparsity_schedules)
 from jaxeff.optim.compress import (CompressedState, GroupQuantized, GroupQuantizedDRE,
                                    compress_state, describe_state)
 from jaxeff.optim.galore import GaLoreState, Randomized, scale_by_galore
@@ -28,6 +28,7 @@ from jaxeff.optim.sparsity import (SparseState, apply_masks, cubic_sparsity, den
 __all__ = [
     # submodules
     "compress", "galore", "hessian", "layerwise", "param_ema", "projection", "sophia", "sparsity",
+    "sparsity_schedules",
     # names
     "CompressedState", "GroupQuantized", "GroupQuantizedDRE", "compress_state", "describe_state",
     "GaLoreState", "Randomized", "scale_by_galore",

@@ -20,7 +20,8 @@ Update rule (jaxpruner's pattern without its ``post_gradient_update`` call)::
 so ``optax.apply_updates(p, u')`` leaves masked weights exactly 0 and masks never regrow. Pruning
 keeps exactly ``N - floor(s*N)`` weights per group (global: all selected weights; 'layer': each
 matrix), ties broken by position: the k-th largest score is found by a 32-step bisection over the
-order-preserving uint32 image of the float32 scores (sharded reductions, no global sort).
+order-preserving uint32 image of the float32 scores, and ties by a bisection on the row-major
+position (sharded reductions only: no flattening, sort or cumsum, so no weight is gathered).
 ``floor(s*N)`` is computed in float32 (exact for N < 2**24).
 
 Timing: ``schedule(t)`` is the sparsity of the weights used in step ``t``'s forward pass; the
@@ -37,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# the schedules live in their own module; re-exported here
+from jaxeff.optim.sparsity_schedules import (constant_sparsity, cubic_sparsity,  # noqa: F401
+                                             geometric_sparsity, journey_schedule, journey_window)
 from jaxeff.select import select_mask
 
 __all__ = ["SparseState", "prune", "spdf", "densify", "apply_masks", "sparsity_stats",
@@ -58,132 +62,6 @@ class SparseState(NamedTuple):
     density_sum: jax.Array
     density_comp: jax.Array
     dense: jax.Array
-
-
-# ----------------------------------------------------------------------------- schedules
-
-def _check_sparsity(s, name="final_sparsity"):
-    if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
-        raise ValueError(f"{name}={s!r}; must be in [0, 1)")
-
-
-def _check_window(start_step, end_step, every):
-    for n, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{n} must be an int; got {type(v).__name__} {v!r}")
-    if start_step < 0 or end_step < start_step:
-        raise ValueError(f"need 0 <= start_step <= end_step; got {start_step}, {end_step}")
-    if every < 1:
-        raise ValueError(f"every={every}; must be >= 1")
-
-
-def constant_sparsity(sparsity: float) -> Callable:
-    """``s_t = sparsity`` for every step (SPDF's static mask). Raises ValueError outside [0, 1)."""
-    _check_sparsity(sparsity, "sparsity")
-    return lambda step: jnp.full((), sparsity, jnp.float32)
-
-
-def geometric_sparsity(final_sparsity: float = 0.75, *, start_step: int, end_step: int,
-                       every: int = 100) -> Callable:
-    """Journey-Matters geometric pruning schedule.
-
-    ``n = (end_step - start_step) // every + 1`` rounds at ``start_step + k*every``;
-    ``q = 1 - (1 - s)^(1/n)``; from round k on the kept fraction is ``(1-q)^(k+1)``, so the last
-    round reaches ``s`` exactly; 0 before ``start_step``. Paper: "The Journey Matters" (2025),
-    reference tjingrant/sparse-llm-code ``calculate_per_step_sparsity``.
-    Raises ValueError/TypeError for a sparsity outside [0, 1) or a bad window.
-    """
-    _check_sparsity(final_sparsity)
-    _check_window(start_step, end_step, every)
-    n = (end_step - start_step) // every + 1
-    keep_per_round = (1.0 - final_sparsity) ** (1.0 / n)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.int32)
-        k = jnp.clip((step - start_step) // every, 0, n - 1)
-        s = 1.0 - jnp.float32(keep_per_round) ** (k + 1).astype(jnp.float32)
-        s = jnp.where(k == n - 1, jnp.float32(final_sparsity), s)
-        return jnp.where(step < start_step, 0.0, s).astype(jnp.float32)
-    return schedule
-
-
-def cubic_sparsity(final_sparsity: float, *, start_step: int, end_step: int, every: int = 1,
-                   initial_sparsity: float = 0.0) -> Callable:
-    """Zhu & Gupta cubic schedule ``s_t = s_f + (s_i - s_f) (1 - (t - t0)/(t1 - t0))^3``.
-
-    Evaluated at the pruning steps ``t0 + k*every`` (held in between), ``s_f`` from ``t1`` on,
-    0 before ``t0``. Paper: "To prune, or not to prune" (Zhu & Gupta, 2017).
-    Raises ValueError/TypeError for sparsities outside [0, 1) or a bad window.
-    """
-    _check_sparsity(final_sparsity)
-    _check_sparsity(initial_sparsity, "initial_sparsity")
-    _check_window(start_step, end_step, every)
-    span = max(end_step - start_step, 1)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.int32)
-        t = jnp.clip((step - start_step) // every * every, 0, span).astype(jnp.float32)
-        s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - t / span) ** 3
-        s = jnp.where(step >= end_step, final_sparsity, s)
-        return jnp.where(step < start_step, 0.0, s).astype(jnp.float32)
-    return schedule
-
-
-def _geometric_density(total_steps, s, start_step, end_step, every) -> np.ndarray:
-    n = (end_step - start_step) // every + 1
-    t = np.arange(total_steps)
-    k = np.clip((t - start_step) // every, 0, n - 1)
-    return np.where(t < start_step, 1.0, (1.0 - s) ** ((k + 1) / n))
-
-
-def journey_window(final_sparsity: float, total_steps: int, start: float = 0.25,
-                   end: float = 0.75, every: int = 100, window: str = "compute"
-                   ) -> tuple[int, int]:
-    """``(start_step, end_step)`` of the Journey-Matters pruning window, on the ``every`` grid.
-
-    ``window='compute'`` (default, the paper's definition): ``start``/``end`` are fractions of
-    cumulative sparse compute (proportional to the density of the pruned weights), solved by
-    fixed-point iteration on the grid; sparsellm-1b-20p (20%, 11200 steps, every 100) gives
-    steps 2500 -> 8100 as in the reference run. ``'steps'``: fractions of the steps (simpler,
-    not the paper's). Raises ValueError for bad fractions, window, steps or every.
-    """
-    _check_sparsity(final_sparsity)
-    if not 0.0 <= start <= end <= 1.0:
-        raise ValueError(f"need 0 <= start <= end <= 1; got start={start}, end={end}")
-    if window not in ("steps", "compute"):
-        raise ValueError(f"window={window!r}; valid: 'steps', 'compute'")
-    if total_steps < 1 or every < 1:
-        raise ValueError(f"total_steps={total_steps} and every={every} must be >= 1")
-    grid = np.arange(0, total_steps, every)
-
-    def snap(frac):
-        return int(grid[np.argmin(np.abs(grid - frac * total_steps))])
-
-    st, en = snap(start), snap(end)
-    if window == "steps":
-        return st, en
-    for _ in range(100):
-        d = _geometric_density(total_steps, final_sparsity, st, en, every)
-        before = np.concatenate([[0.0], np.cumsum(d)])[grid] / d.sum()
-        nst = int(grid[np.argmin(np.abs(before - start))])
-        nen = int(grid[np.argmin(np.abs(before - end))])
-        if (nst, nen) == (st, en):
-            break
-        st, en = nst, max(nen, nst)
-    return st, en
-
-
-def journey_schedule(final_sparsity: float = 0.75, *, total_steps: int, start: float = 0.25,
-                     end: float = 0.75, every: int = 100, window: str = "compute") -> Callable:
-    """The paper's default: geometric pruning to ``final_sparsity`` over 25% -> 75% of training.
-
-    Paper: "The Journey Matters" (Jin et al., 2025). ``window`` as in :func:`journey_window`
-    (``'compute'`` default, the paper's cumulative-compute window; ``'steps'`` for step
-    fractions). Mean density over the window -> ``-s/ln(1-s)`` as every -> 0. Raises as
-    :func:`journey_window` and :func:`geometric_sparsity`.
-    """
-    st, en = journey_window(final_sparsity, total_steps, start, end, every, window)
-    return geometric_sparsity(final_sparsity, start_step=st, end_step=en, every=every)
 
 
 # ----------------------------------------------------------------------------- mask selection
@@ -208,37 +86,66 @@ def _kth_key(count_ge: Callable, k, like):
     return jax.lax.fori_loop(0, 32, body, (lo, hi))[0]
 
 
-def _excl_cumsum(x):
-    c = jnp.cumsum(x.astype(jnp.int32), axis=-1)
-    return c - x.astype(jnp.int32)
+def _positions(shape, batch_ndim: int):
+    """Row-major position of every entry within its group (the trailing ``ndim - batch_ndim``
+    axes), built from iotas so that a sharded mask needs no reshape."""
+    pos = jnp.zeros(shape, jnp.int32)
+    for a in range(batch_ndim, len(shape)):
+        stride = int(np.prod(shape[a + 1:], dtype=np.int64))
+        pos = pos + jax.lax.broadcasted_iota(jnp.int32, shape, a) * stride
+    return pos
 
 
-def _topk_rows(keys, k):
-    """Mask keeping exactly the k largest keys of each row of ``keys [G, N]`` (``k [G]``)."""
-    T = _kth_key(lambda t: jnp.sum(keys >= t[:, None], axis=-1, dtype=jnp.int32), k, k)
-    gt = keys > T[:, None]
-    ties = keys == T[:, None]
-    need = k - jnp.sum(gt, axis=-1, dtype=jnp.int32)
-    return gt | (ties & (_excl_cumsum(ties) < need[:, None]))
+def _first_n(mask, n, batch_ndim: int = 0):
+    """Keep the first ``n`` True entries of each group of ``mask`` in row-major order.
+
+    ``n`` has shape ``mask.shape[:batch_ndim]``. A bisection on the position (sums only) instead
+    of a cumulative sum over the flattened group, so a sharded mask is never gathered.
+    """
+    axes = tuple(range(batch_ndim, mask.ndim))
+    pos = _positions(mask.shape, batch_ndim)
+    size = int(np.prod(mask.shape[batch_ndim:], dtype=np.int64))
+    expand = (Ellipsis,) + (None,) * len(axes)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = (lo + hi) // 2
+        ok = jnp.sum(mask & (pos < mid[expand]), axis=axes, dtype=jnp.int32) >= n
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+    shape = mask.shape[:batch_ndim]
+    lo, hi = jnp.zeros(shape, jnp.int32), jnp.full(shape, size, jnp.int32)
+    hi = jax.lax.fori_loop(0, max(1, size.bit_length()) + 1, body, (lo, hi))[1]
+    return mask & (pos < hi[expand])
+
+
+def _topk_groups(keys, k, batch_ndim: int):
+    """Mask keeping exactly the ``k`` largest keys of each group (the trailing axes after
+    ``batch_ndim``; ``k`` has the batch shape), ties broken by row-major position."""
+    axes = tuple(range(batch_ndim, keys.ndim))
+    expand = (Ellipsis,) + (None,) * len(axes)
+    T = _kth_key(lambda t: jnp.sum(keys >= t[expand], axis=axes, dtype=jnp.int32), k, k)
+    gt = keys > T[expand]
+    need = k - jnp.sum(gt, axis=axes, dtype=jnp.int32)
+    return gt | _first_n(keys == T[expand], jnp.maximum(need, 0), batch_ndim)
 
 
 def _topk_global(keys_list, k):
-    """Masks keeping exactly the k largest keys over all arrays (flattened, in list order)."""
-    flat = [x.reshape(-1) for x in keys_list]
-    T = _kth_key(lambda t: sum(jnp.sum(x >= t, dtype=jnp.int32) for x in flat), k, k)
-    gt = [x > T for x in flat]
+    """Masks keeping exactly the k largest keys over all arrays (ties: in list order, then
+    row-major). No array is reshaped, so sharded keys stay sharded."""
+    T = _kth_key(lambda t: sum(jnp.sum(x >= t, dtype=jnp.int32) for x in keys_list), k, k)
+    gt = [x > T for x in keys_list]
     need = k - sum(jnp.sum(g, dtype=jnp.int32) for g in gt)
     out, offset = [], jnp.int32(0)
-    for x, g in zip(flat, gt):
+    for x, g in zip(keys_list, gt):
         ties = x == T
-        out.append(g | (ties & (_excl_cumsum(ties) + offset < need)))
+        out.append(g | _first_n(ties, jnp.maximum(need - offset, 0)))
         offset = offset + jnp.sum(ties, dtype=jnp.int32)
-    return [o.reshape(x.shape) for o, x in zip(out, keys_list)]
+    return out
 
 
-def _rows(x):
-    """View a leaf as ``[groups, N]``: one group per matrix (leading axes batch) or vector."""
-    return x.reshape(1, -1) if x.ndim <= 2 else x.reshape(-1, x.shape[-2] * x.shape[-1])
+def _group_ndim(x) -> int:
+    """Batch axes of a leaf's groups: one group per matrix (leading axes batch) or vector."""
+    return x.ndim - 2 if x.ndim > 2 else 0
 
 
 def _n_prune(s, n: int):
@@ -318,9 +225,10 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
         else:
             new = []
             for kk in keys:
-                r = _rows(kk)
-                k = jnp.full((r.shape[0],), r.shape[1], jnp.int32) - _n_prune(s, r.shape[1])
-                new.append(_topk_rows(r, k).reshape(kk.shape))
+                b = _group_ndim(kk)
+                size = int(np.prod(kk.shape[b:], dtype=np.int64))
+                k = jnp.full(kk.shape[:b], size, jnp.int32) - _n_prune(s, size)
+                new.append(_topk_groups(kk, k, b))
         out = list(m_l)
         for i, nm in zip(idx, new):
             out[i] = nm & m_l[i]
@@ -331,9 +239,12 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
         if scope == "global":
             n = sum(int(np.prod(m.shape)) for m in live)
             return sum(jnp.sum(m, dtype=jnp.int32) for m in live) > n - _n_prune(s, n)
-        return jnp.any(jnp.stack([jnp.any(jnp.sum(_rows(m), -1, dtype=jnp.int32) >
-                                          _rows(m).shape[1] - _n_prune(s, _rows(m).shape[1]))
-                                  for m in live]))
+        def over(m):
+            b = _group_ndim(m)
+            size = int(np.prod(m.shape[b:], dtype=np.int64))
+            live_n = jnp.sum(m, axis=tuple(range(b, m.ndim)), dtype=jnp.int32)
+            return jnp.any(live_n > size - _n_prune(s, size))
+        return jnp.any(jnp.stack([over(m) for m in live]))
 
     @jax.jit
     def init_masks(params):

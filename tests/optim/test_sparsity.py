@@ -246,3 +246,27 @@ def test_bad_inputs():
     tx = prune(inner, constant_sparsity(0.5), select=SEL)
     with pytest.raises(ValueError, match="params"):
         tx.update(_params(), tx.init(_params()))
+
+
+def test_topk_ties_are_broken_in_row_major_order():
+    """The sharding-friendly top-k (bisection, no flatten/cumsum) keeps exactly k entries and
+    breaks ties by list order then row-major position, like a stable sort would."""
+    from jaxeff.optim.sparsity import _to_keys, _topk_global, _topk_groups
+    rng = np.random.default_rng(0)
+    xs = [jnp.asarray(rng.integers(0, 3, s).astype(np.float32)) for s in [(2, 4, 6), (5, 3)]]
+    flat = np.concatenate([np.asarray(x).reshape(-1) for x in xs])
+    order = np.argsort(-flat, kind="stable")
+    for k in (0, 1, 7, 30, 50, flat.size):
+        masks = jax.jit(lambda ks: _topk_global(ks, jnp.int32(k)))([_to_keys(x) for x in xs])
+        got = np.concatenate([np.asarray(m).reshape(-1) for m in masks])
+        want = np.zeros(flat.size, bool)
+        want[order[:k]] = True
+        np.testing.assert_array_equal(got, want)
+    x = xs[0]                                   # per-matrix groups over the leading axis
+    k = jnp.asarray([5, 17], jnp.int32)
+    got = np.asarray(jax.jit(lambda v: _topk_groups(_to_keys(v), k, 1))(x))
+    for g in range(2):
+        row = np.asarray(x[g]).reshape(-1)
+        want = np.zeros(row.size, bool)
+        want[np.argsort(-row, kind="stable")[:int(k[g])]] = True
+        np.testing.assert_array_equal(got[g].reshape(-1), want)
