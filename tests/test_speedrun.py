@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import speedrun
@@ -52,3 +53,24 @@ def test_train_data_counts_and_warns_on_repeats(tmp_path):
 def test_unknown_recipe_is_an_error():
     with pytest.raises(SystemExit, match="unknown"):
         speedrun.main(["--quick", "--recipes", "nope"])
+
+
+@pytest.mark.slow
+def test_mesh_run_matches_single_device(tmp_path):
+    """`--mesh data=2,fsdp=4` on the 8 simulated CPU devices trains to the single-device losses."""
+    args = ["--quick", "--recipes", "baseline", "--steps", "3", "--batch-size", "8",
+            "--no-progress"]
+    one = speedrun.main(args + ["--out", str(tmp_path / "one")])
+    eight = speedrun.main(args + ["--out", str(tmp_path / "eight"), "--mesh", "data=2,fsdp=4"])
+    assert eight["machine"]["devices"] == 8
+    a = [h["val_loss"] for h in one["histories"]["baseline"]]
+    b = [h["val_loss"] for h in eight["histories"]["baseline"]]
+    np.testing.assert_allclose(b, a, rtol=2e-5)
+
+
+def test_ci_runs_the_readme_test_command():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    ci = [line.strip() for line in open(os.path.join(root, ".ci", "run"))
+          if line.strip().startswith("python -m pytest")]
+    assert len(ci) == 1 and ("&& " + ci[0] + "\n") in readme
