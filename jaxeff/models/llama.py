@@ -38,7 +38,16 @@ __all__ = ["LlamaConfig", "PRESETS", "init_params", "abstract_params", "forward"
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of the decoder. ``d_model`` must equal ``n_heads * head_dim``."""
+    """Shape of the decoder.
+
+    ``head_dim`` (optional): the width of one attention head. ``None`` (default) derives it as
+    ``d_model // n_heads`` (then ``d_model`` must be divisible by ``n_heads``); an explicit value
+    decouples the attention width ``n_heads * head_dim`` from ``d_model`` (``wq: [D, H*hd]``,
+    ``wo: [H*hd, D]``), e.g. a sub-network with fewer heads of the same size. After construction
+    ``cfg.head_dim`` is always the resolved int; :meth:`replace` re-derives a derived head_dim
+    from the new ``d_model`` / ``n_heads`` (use it rather than ``dataclasses.replace``, which
+    would keep the old value).
+    """
 
     vocab_size: int = 264
     d_model: int = 128
@@ -53,6 +62,7 @@ class LlamaConfig:
     dtype: str = "float32"        # parameter dtype
     compute_dtype: str = "float32"
     remat: bool = False
+    head_dim: Optional[int] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -60,20 +70,28 @@ class LlamaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int; got {v!r}")
-        if self.d_model % self.n_heads:
+        derived = self.head_dim is None
+        if derived and self.d_model % self.n_heads:
             raise ValueError(f"LlamaConfig.d_model={self.d_model} must be divisible by "
                              f"n_heads={self.n_heads}")
+        if not derived and (isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int)
+                            or self.head_dim <= 0):
+            raise ValueError(f"LlamaConfig.head_dim must be a positive int or None "
+                             f"(= d_model // n_heads); got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LlamaConfig.n_heads={self.n_heads} must be a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head_dim={self.d_model // self.n_heads} must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        hd = self.d_model // self.n_heads if derived else self.head_dim
+        if hd % 2:
+            raise ValueError(f"head_dim={hd} must be even for RoPE")
+        # Store the resolved value (every user reads an int); remember that it was derived so
+        # that replace() re-derives it, exactly as when head_dim was a property.
+        object.__setattr__(self, "head_dim", hd)
+        object.__setattr__(self, "_head_dim_derived", derived)
 
     def replace(self, **kw) -> "LlamaConfig":
+        if "head_dim" not in kw and getattr(self, "_head_dim_derived", False):
+            kw["head_dim"] = None
         return dataclasses.replace(self, **kw)
 
 

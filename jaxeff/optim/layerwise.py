@@ -15,8 +15,8 @@ head)::
 **SLCA slow learner** ("SLCA: Slow Learner with Classifier Alignment for Continual Learning on a
 Pre-trained Model", Zhang et al., 2023): the pre-trained representation layers learn with a much
 smaller rate than the classifier (0.0001 vs 0.01 in the paper, ``slow_scale = 0.01``); the
-multiplier of a *slow* leaf is multiplied by ``slow_scale``. (The classifier-alignment stage is
-post-hoc and not implemented here.)
+multiplier of a *slow* leaf is multiplied by ``slow_scale``. SLCA's post-hoc
+classifier-alignment stage is :mod:`jaxeff.params.classifier_alignment`.
 
 Depth of a leaf (first rule that applies; selectors follow :mod:`jaxeff.select`):
 

@@ -11,9 +11,9 @@ is ``jaxeff.params.sltrain.sltrain``); the other public names are also exported 
 * averaging and continual learning: ``averaging`` (soups, EMA, LAE), ``classifier_alignment``
   (SLCA), ``nearest_mean``; elastic sub-networks: ``elastic``.
 """
-from jaxeff.params import (accounting, averaging, depth_prune, elastic, gptq,
-                           gptq_driver, growth, layers, lora, lowrank, quantized, sltrain,
-                           structured, widen)
+from jaxeff.params import (accounting, averaging, classifier_alignment, depth_prune, elastic,
+                           gptq, gptq_driver, growth, layers, lora, lowrank, nearest_mean,
+                           quantized, sltrain, structured, widen)
 from jaxeff.params.accounting import ParamReport, param_report, tree_bytes, tree_size
 from jaxeff.params.averaging import (GreedySoup, ema_update, greedy_soup, lae_accumulate,
                                      lae_ensemble, uniform_soup)
@@ -31,8 +31,9 @@ from jaxeff.params.widen import GrowthWarning
 
 __all__ = [
     # submodules
-    "accounting", "averaging", "depth_prune", "elastic", "gptq", "gptq_driver", "growth", "layers",
-    "lora", "lowrank", "quantized", "sltrain", "structured", "widen",
+    "accounting", "averaging", "classifier_alignment", "depth_prune", "elastic", "gptq",
+    "gptq_driver", "growth", "layers", "lora", "lowrank", "nearest_mean", "quantized", "sltrain",
+    "structured", "widen",
     # names
     "ParamReport", "param_report", "tree_bytes", "tree_size",
     "GreedySoup", "ema_update", "greedy_soup", "lae_accumulate", "lae_ensemble", "uniform_soup",

@@ -1,6 +1,4 @@
 """Function-preserving width/depth growth (Net2Net, bert2BERT FPI), AKI, and their errors."""
-import collections
-import dataclasses
 import warnings
 
 import jax
@@ -46,18 +44,12 @@ def _params(cfg=CFG, seed=0):
     return p
 
 
-_Shape = collections.namedtuple("_Shape", [f.name for f in dataclasses.fields(llama.LlamaConfig)]
-                                + ["head_dim"])
-
-
 def _cfg_of(p, base=CFG):
-    """A hashable config for the grown shapes with head_dim kept (llama.forward reads fields)."""
+    """The config of the grown shapes with the head width kept (an explicit ``head_dim``)."""
     lay, hd = p["layers"], base.head_dim
-    fields = dataclasses.asdict(base)
-    fields.update(d_model=p["embed"].shape[1], d_ff=lay["w_up"].shape[-1],
-                  n_heads=lay["wq"].shape[-1] // hd, n_kv_heads=lay["wk"].shape[-1] // hd,
-                  n_layers=lay["wq"].shape[0])
-    return _Shape(**fields, head_dim=hd)
+    return base.replace(d_model=p["embed"].shape[1], d_ff=lay["w_up"].shape[-1],
+                        n_heads=lay["wq"].shape[-1] // hd, n_kv_heads=lay["wk"].shape[-1] // hd,
+                        n_layers=lay["wq"].shape[0], head_dim=hd)
 
 
 _fwd = jax.jit(llama.forward, static_argnums=2)
