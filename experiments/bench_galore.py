@@ -49,9 +49,9 @@ import optax
 from experiments.common import random_batch, write_json
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.optim.compress import compress_state
-from jaxeff.optim.galore import Randomized, galore
-from jaxeff.optim.projection import randomized_projector, svd_projector
+from jaxeff.optim import compress_state
+from jaxeff.optim import Randomized, galore
+from jaxeff.optim import randomized_projector, svd_projector
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 PROJ = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")

@@ -56,7 +56,7 @@ import optax
 from experiments.common import random_batch, write_json
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.optim.sophia import gnb, hutchinson, sophia, sophia_extra_args, split_refresh
+from jaxeff.optim import gnb, hutchinson, sophia, sophia_extra_args, split_refresh
 
 
 def memory(compiled) -> dict:

@@ -37,9 +37,9 @@ import optax
 
 from experiments.common import write_json
 from jaxeff.models import llama
-from jaxeff.optim.compress import compress_state
-from jaxeff.optim.galore import galore
-from jaxeff.params.accounting import tree_bytes
+from jaxeff.optim import compress_state
+from jaxeff.optim import galore
+from jaxeff.params import tree_bytes
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 SIZES = ("125m", "350m", "1b")

@@ -31,12 +31,12 @@ import numpy as np
 import optax
 
 from jaxeff.models import llama
-from jaxeff.optim.sparsity import journey_schedule, prune
-from jaxeff.params.accounting import param_report, tree_bytes
-from jaxeff.params.lora import lora
-from jaxeff.params.lowrank import lowrank
-from jaxeff.params.sltrain import sltrain, sltrain_preset
-from jaxeff.params.structured import partition
+from jaxeff.optim import journey_schedule, prune
+from jaxeff.params import param_report, tree_bytes
+from jaxeff.params import lora
+from jaxeff.params import lowrank
+from jaxeff.params import sltrain, sltrain_preset
+from jaxeff.params import partition
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 PAPER_SIZE = {"125m": "130m", "350m": "350m", "1b": "1b"}   # SLTrain preset per model size

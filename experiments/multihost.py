@@ -145,7 +145,7 @@ def make_recipe(name: str, cfg, lr: float):
     import optax
     from jaxeff.models import llama
     if name == "sophia":
-        from jaxeff.optim.sophia import gnb, sophia, sophia_extra_args, sophia_win_rate
+        from jaxeff.optim import gnb, sophia, sophia_extra_args, sophia_win_rate
 
         def logits_fn(params, batch):
             return llama.forward(params, batch["inputs"], cfg, batch["segment_ids"],
@@ -156,7 +156,7 @@ def make_recipe(name: str, cfg, lr: float):
                                 update_interval=2))
         return tx, sophia_extra_args(), lambda s: {"win_rate": sophia_win_rate(s)}
     if name == "galore":
-        from jaxeff.optim.galore import galore
+        from jaxeff.optim import galore
         tx = optax.chain(optax.clip_by_global_norm(1.0),
                          galore(lr * 4, optax.scale_by_adam(b1=0.9, b2=0.95), rank=0.25,
                                 update_proj_gap=2, scale=0.25,

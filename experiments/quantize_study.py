@@ -37,9 +37,9 @@ import orbax.checkpoint as ocp
 from experiments.speedrun import build_context, parse_args as speedrun_args
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.params.gptq_driver import calibration_batches, gptq_model, llama_like
-from jaxeff.params.quantized import rtn, tree_nbytes
-from jaxeff.params.structured import materialize
+from jaxeff.params import calibration_batches, gptq_model, llama_like
+from jaxeff.params import rtn, tree_nbytes
+from jaxeff.params import materialize
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 

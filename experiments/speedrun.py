@@ -30,10 +30,10 @@ import numpy as np
 import optax
 
 from jaxeff import data as jdata
-from jaxeff.data import epochs
+from jaxeff.data import _epochs as epochs
 from jaxeff import schedules, train
 from jaxeff.models import llama
-from jaxeff.params.structured import materialize
+from jaxeff.params import materialize
 
 
 # ----------------------------------------------------------------------------------------------

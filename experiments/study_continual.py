@@ -14,7 +14,7 @@ column block per task; while task t trains, only its block is updated and the cr
 over its classes' logits; SGD momentum 0.9, wd 5e-4, lr 0.01, E epochs per task:
 
   (a) fine-tune all, one lr (0.01 everywhere; the paper's "Seq FT");
-  (b) slow learner: ``jaxeff.optim.layerwise.slow_learner``, backbone lr x0.01 (the paper's
+  (b) slow learner: ``jaxeff.optim.slow_learner``, backbone lr x0.01 (the paper's
       1e-4 vs 1e-2);
   (c) slow learner + classifier alignment (``jaxeff.params.classifier_alignment``): after each
       task > 0, class mean/covariance of the new classes under the current backbone, then
@@ -77,9 +77,9 @@ import optax
 from jaxeff import data as jdata
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.optim.layerwise import slow_learner
-from jaxeff.params import classifier_alignment as ca
-from jaxeff.params import nearest_mean as nm
+from jaxeff.optim import slow_learner
+from jaxeff.params import _classifier_alignment as ca
+from jaxeff.params import _nearest_mean as nm
 
 CFG = llama.PRESETS["tiny"].replace(max_seq_len=128)
 CHUNK = 64                      # bytes per classified chunk

@@ -70,10 +70,10 @@ import optax
 from jaxeff import schedules, train
 from jaxeff.data import (ByteTokenizer, Corpus, Document, load_stdlib_corpus, make_eval_batches,
                          make_lm_dataset, split_corpus)
-from jaxeff.data.epochs import CountingIterator, EpochCounter, unique_target_tokens
+from jaxeff.data import CountingIterator, EpochCounter, unique_target_tokens
 from jaxeff.losses import kd_loss
 from jaxeff.models import llama
-from jaxeff.params.averaging import uniform_soup
+from jaxeff.params import uniform_soup
 
 #: Default new domain: the Sphinx-generated help topics (English prose with reST markup, held in
 #: Python string literals) -- a real shift away from the code of every other package.

@@ -34,8 +34,8 @@ import optax
 from experiments.speedrun import SpeedrunContext
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.params import depth_prune as dp
-from jaxeff.params.widen import widen
+from jaxeff.params import _depth_prune as dp
+from jaxeff.params import widen
 
 NARROW = llama.LlamaConfig(vocab_size=264, d_model=64, n_layers=4, n_heads=2, n_kv_heads=1,
                            d_ff=128, max_seq_len=128)
@@ -44,7 +44,7 @@ DEEP = NARROW.replace(n_layers=8)
 
 
 def llama_width_spec(cfg: llama.LlamaConfig) -> dict:
-    """Logical-axis spec of the reference LLaMA layout for :func:`jaxeff.params.widen.widen`."""
+    """Logical-axis spec of the reference LLaMA layout for :func:`jaxeff.params.widen`."""
     G, R = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads
     emb = ([(r"^embed$", -1, "tied")] if cfg.tie_embeddings
            else [(r"^embed$", -1, "out"), (r"^head$", -2, "in")])

@@ -5,7 +5,7 @@
 
 Two runs of the tiny reference model with the same optimiser, seed and number of steps; the
 training rows come from two packed streams, the chosen package family (``--family``) and the
-rest of the stdlib, mixed per batch by :func:`jaxeff.data.mixture.make_mixture_lm_dataset`:
+rest of the stdlib, mixed per batch by :func:`jaxeff.data.make_mixture_lm_dataset`:
 
 * ``natural``: constant weights = each stream's share of the training characters;
 * ``upsample``: the same weights, then ``--end-weight`` for the family over the final
@@ -28,8 +28,7 @@ import optax
 
 from jaxeff import schedules, train
 from jaxeff.data import ByteTokenizer, Corpus, load_stdlib_corpus, make_eval_batches
-from jaxeff.data.mixture import (constant_mixture, make_mixture_lm_dataset, size_weights,
-                                 upsample_at_end)
+from jaxeff.data import constant_mixture, make_mixture_lm_dataset, size_weights, upsample_at_end
 from jaxeff.models import llama
 
 

@@ -76,7 +76,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff import sharding as shd
-from jaxeff.params.structured import is_structured
+from jaxeff.params._structured import is_structured
 
 __all__ = ["ParamInfo", "Context", "derive_shardings", "fsdp_param_shardings", "fsdp_fallback",
            "register_rule", "rule_for", "aligned_spec"]
@@ -319,14 +319,14 @@ def _matrix(info: ParamInfo):
     return info.spec[:-2], info.spec[-2], info.spec[-1]
 
 
-@register_rule("jaxeff.optim.sophia.SophiaState")
+@register_rule("jaxeff.optim._sophia.SophiaState")
 def _sophia(s, ctx):
     rep = ctx.replicated
     return s._replace(count=rep(s.count), mu=ctx.walk(s.mu), h=ctx.walk(s.h),
                       n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate))
 
 
-@register_rule("jaxeff.optim.sparsity.SparseState")
+@register_rule("jaxeff.optim._sparsity.SparseState")
 def _sparse(s, ctx):
     rep = ctx.replicated
     return s._replace(count=rep(s.count), masks=ctx.walk(s.masks),
@@ -334,7 +334,7 @@ def _sparse(s, ctx):
                       density_comp=rep(s.density_comp), dense=rep(s.dense))
 
 
-_GROUPED = ("jaxeff.optim.compress.GroupQuantized", "jaxeff.optim.compress.GroupQuantizedDRE")
+_GROUPED = ("jaxeff.optim._compress.GroupQuantized", "jaxeff.optim._compress.GroupQuantizedDRE")
 
 
 def _is_grouped(x) -> bool:
@@ -348,7 +348,7 @@ def _codes_shape(shape, group_size) -> tuple:
     """Shape of ``compress.quantize``'s codes for a dense leaf of ``shape``."""
     key = (tuple(shape), group_size)
     if key not in _CODES_CACHE:
-        from jaxeff.optim import compress
+        from jaxeff.optim import _compress as compress
         out = jax.eval_shape(lambda x: compress.quantize(x, "int8", group_size, False),
                              jax.ShapeDtypeStruct(tuple(shape), np.float32))
         _CODES_CACHE[key] = tuple(out.codes.shape)
@@ -426,7 +426,7 @@ def _galore_plan(s, ctx):
     return plan
 
 
-@register_rule("jaxeff.optim.galore.GaLoreState")
+@register_rule("jaxeff.optim._galore.GaLoreState")
 def _galore(s, ctx):
     rep = ctx.replicated
     plan = _galore_plan(s, ctx) if ctx.params is not None else None
@@ -468,16 +468,16 @@ def _structured_rule(field_specs):
     return rule
 
 
-register_rule("jaxeff.params.sltrain.SLTrainWeight", _structured_rule(
+register_rule("jaxeff.params._sltrain.SLTrainWeight", _structured_rule(
     lambda w, ctx, info, b, ms, ns: dict(A=b + (ms, None), B=b + (None, ns),
                                          indices=b + (ms if _names(ms) else ns,),
                                          values=b + (ms if _names(ms) else ns,))))
-register_rule("jaxeff.params.lowrank.LowRankWeight", _structured_rule(
+register_rule("jaxeff.params._lowrank.LowRankWeight", _structured_rule(
     lambda w, ctx, info, b, ms, ns: dict(L=b + (ms, None), R=b + (None, ns))))
-register_rule("jaxeff.params.lowrank.SVFitWeight", _structured_rule(
+register_rule("jaxeff.params._lowrank.SVFitWeight", _structured_rule(
     lambda w, ctx, info, b, ms, ns: dict(U=b + (ms, None), sigma=b + (None,),
                                          Vt=b + (None, ns), residual=b + (ms, ns))))
-register_rule("jaxeff.params.lora.LoRAWeight", _structured_rule(
+register_rule("jaxeff.params._lora.LoRAWeight", _structured_rule(
     lambda w, ctx, info, b, ms, ns: dict(base=info.spec, A=b + (ms, None), B=b + (None, ns))))
 
 
@@ -490,15 +490,15 @@ def _quantized_specs(w, ctx, info, b, in_s, out_s):
                 zero=b + (whole(w.group_size), out_s), perm=b + (in_s,))
 
 
-register_rule("jaxeff.params.quantized.QuantizedWeight", _structured_rule(_quantized_specs))
+register_rule("jaxeff.params._quantized.QuantizedWeight", _structured_rule(_quantized_specs))
 
 
-@register_rule("jaxeff.params.structured.StructuredWeight")
+@register_rule("jaxeff.params._structured.StructuredWeight")
 def _any_structured(w, ctx):
     """Other structured weights: their ``factor_specs(dense_spec)`` hook, if they have one."""
     if ctx.param is None or not hasattr(w, "factor_specs"):
         return ctx.children(w)
-    from jaxeff.params.structured import array_fields
+    from jaxeff.params._structured import array_fields
     specs = w.factor_specs(P(*ctx.param.spec))
     return w.replace(**{f: None if getattr(w, f) is None else
                         ctx.sharding(_shape(getattr(w, f)), tuple(getattr(specs, f)))

@@ -38,7 +38,7 @@ def test_quick_baseline(tmp_path):
 
 def test_train_data_counts_and_warns_on_repeats(tmp_path):
     from jaxeff import data as jdata
-    from jaxeff.data.epochs import RepeatedDataWarning
+    from jaxeff.data import RepeatedDataWarning
     ctx = speedrun.build_context(speedrun.parse_args(["--quick", "--out", str(tmp_path)]))
     small = jdata.Corpus(list(ctx.train_corpus)[:2], "two-docs")
     it = ctx.train_data(corpus=small)

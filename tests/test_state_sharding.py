@@ -26,9 +26,11 @@ from jaxeff import sharding as shd
 from jaxeff import state_sharding as ss
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.optim import compress, galore, sophia, sparsity
-from jaxeff.params import growth, lora, lowrank, quantized, sltrain
-from jaxeff.params.structured import combine, materialize, partition, trainable_mask
+from jaxeff.optim import (_compress as compress, _galore as galore, _sophia as sophia,
+                          _sparsity as sparsity)
+from jaxeff.params import (_growth as growth, _lora as lora, _lowrank as lowrank,
+                           _quantized as quantized, _sltrain as sltrain)
+from jaxeff.params import combine, materialize, partition, trainable_mask
 
 CFG = llama.PRESETS["tiny"].replace(d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=256,
                                     max_seq_len=32)

@@ -15,7 +15,7 @@ import jax
 import optax
 
 from experiments.speedrun import Recipe
-from jaxeff.optim.galore import galore
+from jaxeff.optim import galore
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 RANK, SCALE = 0.25, 0.25

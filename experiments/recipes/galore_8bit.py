@@ -1,6 +1,6 @@
 """8-bit GaLore: the 'galore' recipe with its Adam moments stored as block-wise int8 between steps.
 
-"GaLore" (Zhao et al., 2024), 8-bit variant: ``jaxeff.optim.compress.compress_state(
+"GaLore" (Zhao et al., 2024), 8-bit variant: ``jaxeff.optim.compress_state(
 scale_by_adam(0.9, 0.95), 'int8')`` as GaLore's inner transform (groups of 128 with absmax scale
 and dynamic range expansion, tensors under 4096 values kept in f32; the paper uses bitsandbytes'
 8-bit Adam). Everything else as the 'galore' recipe; the extra numbers include the
@@ -11,7 +11,7 @@ import optax
 
 from experiments.recipes import galore as galore_recipe
 from experiments.speedrun import Recipe
-from jaxeff.optim.compress import compress_state
+from jaxeff.optim import compress_state
 
 
 def run(ctx):

@@ -24,7 +24,7 @@ import optax
 
 from experiments.speedrun import Recipe, RecipeResult
 from jaxeff import schedules
-from jaxeff.params.growth import grow_train_state, growth_tokens, stack_depth
+from jaxeff.params import grow_train_state, growth_tokens, stack_depth
 
 REFERENCE_TARGET_PARAMS = 3e9      # the paper's 3B run (Figure 4)
 REFERENCE_TOKENS = 300e9

@@ -10,7 +10,7 @@ import jax
 
 from experiments.recipes.sltrain import SELECT, train_structured, workload_rank
 from experiments.speedrun import Recipe, RecipeResult
-from jaxeff.params.lowrank import lowrank
+from jaxeff.params import lowrank
 
 
 def run(ctx) -> RecipeResult:

@@ -21,7 +21,7 @@ import time
 from experiments.speedrun import Recipe
 from jaxeff import train
 from jaxeff.data import Corpus, fill_rate, make_eval_batches
-from jaxeff.data.meco import conditioned_eval_batches, make_meco_dataset, meco_switch_step
+from jaxeff.data import conditioned_eval_batches, make_meco_dataset, meco_switch_step
 
 COOLDOWN = 0.1
 WRONG = ("tkinter.ttk", "email.message")

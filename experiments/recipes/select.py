@@ -20,9 +20,8 @@ import numpy as np
 
 from experiments.speedrun import Recipe
 from jaxeff.data import Corpus
-from jaxeff.data.dedup import exact_duplicates, near_duplicates
-from jaxeff.data.selection import (apply_selection, hashed_ngram_features,
-                                   moment_matching_scores, select_top)
+from jaxeff.data import exact_duplicates, near_duplicates
+from jaxeff.data import apply_selection, hashed_ngram_features, moment_matching_scores, select_top
 
 KEEP = 0.5
 

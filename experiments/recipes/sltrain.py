@@ -15,9 +15,9 @@ import jax
 
 from experiments.speedrun import Recipe, RecipeResult, tree_bytes
 from jaxeff.models import llama
-from jaxeff.params.accounting import param_report
-from jaxeff.params.sltrain import sltrain
-from jaxeff.params.structured import combine, materialize, partition
+from jaxeff.params import param_report
+from jaxeff.params import sltrain
+from jaxeff.params import combine, materialize, partition
 
 SELECT = "layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"
 DENSITY = 0.03

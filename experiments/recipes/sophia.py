@@ -23,7 +23,7 @@ import optax
 
 from experiments.speedrun import Recipe
 from jaxeff.models import llama
-from jaxeff.optim.sophia import gnb, sophia, sophia_extra_args, sophia_win_rate, split_refresh
+from jaxeff.optim import gnb, sophia, sophia_extra_args, sophia_win_rate, split_refresh
 
 RHO, WEIGHT_DECAY, B1, B2, K = 0.05, 0.2, 0.965, 0.99, 10
 

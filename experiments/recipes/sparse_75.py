@@ -14,7 +14,7 @@ import jax
 
 from experiments.recipes.sltrain import SELECT
 from experiments.speedrun import Recipe, RecipeResult, tree_bytes
-from jaxeff.optim.sparsity import journey_schedule, prune, sparsity_stats
+from jaxeff.optim import journey_schedule, prune, sparsity_stats
 
 SPARSITY = 0.75
 

@@ -1,32 +1,83 @@
-"""Data: the default corpus (Python stdlib source), tokenizers, user-data loaders and the
-Grain pipeline from documents to packed LM batches.
+"""Data: corpora, tokenizers, loaders and Grain pipeline stages, flat over private modules.
 
-Quick start::
+Example::
 
     from jaxeff import data
-    corpus = data.load_stdlib_corpus("train")
-    tok = data.ByteTokenizer()
-    ds = data.make_lm_dataset(corpus, tok, seq_len=256, batch_size=32, seed=0)
-    it = iter(ds); batch = next(it)   # dict of [32, 256] numpy arrays
-    evals = data.make_eval_batches(data.load_stdlib_corpus("validation"), tok, 256, 32)
+    ds = data.make_lm_dataset([data.Document("hello world")], data.ByteTokenizer(), seq_len=8,
+                              batch_size=2, seed=0)
+
+* documents and corpora (the Python stdlib corpus, text and JSONL loaders): ``Corpus``,
+  ``corpus_fingerprint``, ``Document``, ``load_jsonl``, ``load_stdlib_corpus``,
+  ``load_text_files``, ``split_corpus``, ``SPLITS``, ``stdlib_files``.
+* exact and near-duplicate removal: ``exact_duplicates``, ``kmeans``, ``lsh_params``,
+  ``minhash_signatures``, ``near_duplicates``, ``semantic_duplicates``, ``shingle_hashes``.
+* epoch accounting and the repetition warning: ``check_repetition``, ``CountingIterator``,
+  ``EpochCounter``, ``EpochReport``, ``RepeatedDataWarning``, ``repetition_report``,
+  ``unique_target_tokens``.
+* MeCo metadata conditioning (Gao et al. 2025): ``conditioned_eval_batches``, ``DEFAULT_TEMPLATE``,
+  ``make_meco_dataset``, ``meco_prompt``, ``meco_switch_step``, ``MetadataPrefix``, ``url_domain``.
+* domain mixtures and upsampling at the end: ``check_fraction``, ``check_weights``,
+  ``constant_mixture``, ``make_mixture_lm_dataset``, ``mix_map_datasets``, ``MixtureSchedule``,
+  ``PhaseMap``, ``SelectIterDataset``, ``size_weights``, ``upsample_at_end``.
+* multigrid batch and sequence-length schedules: ``LR_SCALINGS``, ``make_multigrid_dataset``,
+  ``MultigridSchedule``, ``Stage``.
+* UL2 / span corruption / prefix LM objectives: ``BYTE_UL2_MODE_IDS``, ``BYTE_UL2_SENTINELS``,
+  ``decoder_only``, ``Denoiser``, ``make_ul2_dataset``, ``max_chunk_len``, ``mlm_mask``,
+  ``MLMTransform``, ``prefix_lm_split``, ``random_spans_noise_mask``, ``span_corrupt``,
+  ``span_reconstruct``, ``ul2_denoisers``, ``ul2_example``, ``UL2Transform``.
+* the Grain pipeline from documents to packed LM batches: ``BATCH_KEYS``, ``EncodeDocument``,
+  ``fill_rate``, ``LONG_DOCS``, ``make_eval_batches``, ``make_lm_dataset``, ``pack_lm``,
+  ``PACKINGS``.
+* data selection: ``apply_selection``, ``cached_scores``, ``hashed_ngram_features``, ``LogReg``,
+  ``logreg_scores``, ``loss_scores``, ``moment_matching_scores``, ``predictive_strength``,
+  ``preselect_labels``, ``select_top``, ``Selection``, ``train_logreg``.
+* byte and BPE tokenizers: ``BPETokenizer``, ``BYTE_BOS_ID``, ``BYTE_EOS_ID``, ``BYTE_PAD_ID``,
+  ``BYTE_VOCAB_SIZE``, ``ByteTokenizer``, ``Tokenizer``.
 """
-from jaxeff.data.corpus import (Corpus, Document, corpus_fingerprint, load_jsonl,
-                                load_stdlib_corpus, load_text_files, split_corpus,
-                                stdlib_files)
-from jaxeff.data.pipeline import (BATCH_KEYS, EncodeDocument, fill_rate, make_eval_batches,
-                                  make_lm_dataset, pack_lm)
-from jaxeff.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, validate_tokenizer
+from jaxeff.data._corpus import (Corpus, corpus_fingerprint, Document, load_jsonl,
+                                 load_stdlib_corpus, load_text_files, split_corpus, SPLITS,
+                                 stdlib_files)
+from jaxeff.data._dedup import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
+                                near_duplicates, semantic_duplicates, shingle_hashes)
+from jaxeff.data._epochs import (check_repetition, CountingIterator, EpochCounter, EpochReport,
+                                 RepeatedDataWarning, repetition_report, unique_target_tokens)
+from jaxeff.data._meco import (conditioned_eval_batches, DEFAULT_TEMPLATE, make_meco_dataset,
+                               meco_prompt, meco_switch_step, MetadataPrefix, url_domain)
+from jaxeff.data._mixture import (check_fraction, check_weights, constant_mixture,
+                                  make_mixture_lm_dataset, mix_map_datasets, MixtureSchedule,
+                                  PhaseMap, SelectIterDataset, size_weights, upsample_at_end)
+from jaxeff.data._multigrid import LR_SCALINGS, make_multigrid_dataset, MultigridSchedule, Stage
+from jaxeff.data._objectives import (BYTE_UL2_MODE_IDS, BYTE_UL2_SENTINELS, decoder_only, Denoiser,
+                                     make_ul2_dataset, max_chunk_len, mlm_mask, MLMTransform,
+                                     prefix_lm_split, random_spans_noise_mask, span_corrupt,
+                                     span_reconstruct, ul2_denoisers, ul2_example, UL2Transform)
+from jaxeff.data._pipeline import (BATCH_KEYS, EncodeDocument, fill_rate, LONG_DOCS,
+                                   make_eval_batches, make_lm_dataset, pack_lm, PACKINGS)
+from jaxeff.data._selection import (apply_selection, cached_scores, hashed_ngram_features, LogReg,
+                                    logreg_scores, loss_scores, moment_matching_scores,
+                                    predictive_strength, preselect_labels, select_top, Selection,
+                                    train_logreg)
+from jaxeff.data._tokenizer import (BPETokenizer, BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID,
+                                    BYTE_VOCAB_SIZE, ByteTokenizer, Tokenizer, validate_tokenizer)
 
 __all__ = [
-    "Corpus", "Document", "corpus_fingerprint", "load_jsonl", "load_stdlib_corpus",
-    "load_text_files", "split_corpus", "stdlib_files",
-    "BATCH_KEYS", "EncodeDocument", "fill_rate", "make_eval_batches", "make_lm_dataset",
-    "pack_lm",
-    "BPETokenizer", "ByteTokenizer", "Tokenizer", "validate_tokenizer",
+    "Corpus", "corpus_fingerprint", "Document", "load_jsonl", "load_stdlib_corpus",
+    "load_text_files", "split_corpus", "SPLITS", "stdlib_files", "exact_duplicates", "kmeans",
+    "lsh_params", "minhash_signatures", "near_duplicates", "semantic_duplicates",
+    "shingle_hashes", "check_repetition", "CountingIterator", "EpochCounter", "EpochReport",
+    "RepeatedDataWarning", "repetition_report", "unique_target_tokens",
+    "conditioned_eval_batches", "DEFAULT_TEMPLATE", "make_meco_dataset", "meco_prompt",
+    "meco_switch_step", "MetadataPrefix", "url_domain", "check_fraction", "check_weights",
+    "constant_mixture", "make_mixture_lm_dataset", "mix_map_datasets", "MixtureSchedule",
+    "PhaseMap", "SelectIterDataset", "size_weights", "upsample_at_end", "LR_SCALINGS",
+    "make_multigrid_dataset", "MultigridSchedule", "Stage", "BYTE_UL2_MODE_IDS",
+    "BYTE_UL2_SENTINELS", "decoder_only", "Denoiser", "make_ul2_dataset", "max_chunk_len",
+    "mlm_mask", "MLMTransform", "prefix_lm_split", "random_spans_noise_mask", "span_corrupt",
+    "span_reconstruct", "ul2_denoisers", "ul2_example", "UL2Transform", "BATCH_KEYS",
+    "EncodeDocument", "fill_rate", "LONG_DOCS", "make_eval_batches", "make_lm_dataset",
+    "pack_lm", "PACKINGS", "apply_selection", "cached_scores", "hashed_ngram_features",
+    "LogReg", "logreg_scores", "loss_scores", "moment_matching_scores", "predictive_strength",
+    "preselect_labels", "select_top", "Selection", "train_logreg", "BPETokenizer",
+    "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_PAD_ID", "BYTE_VOCAB_SIZE", "ByteTokenizer",
+    "Tokenizer", "validate_tokenizer",
 ]
-
-# Technique modules, as submodules: ``data.meco``, ``data.mixture``, ``data.selection``,
-# ``data.dedup``, ``data.objectives``, ``data.multigrid``, ``data.epochs``.
-from jaxeff.data import dedup, meco, mixture, multigrid, objectives, selection  # noqa: E402
-
-__all__ += ["dedup", "meco", "mixture", "multigrid", "objectives", "selection"]

@@ -1,42 +1,66 @@
-"""Optimizers as optax gradient transformations.
+"""Optimizers as optax gradient transformations, in optax's layout: flat public functions over
+private modules (``jaxeff.optim.galore`` is the function; it lives in ``_galore.py``).
 
-Every technique module is a submodule (``jaxeff.optim.galore`` is the module; its entry point is
-``jaxeff.optim.galore.galore``); the other public names are also exported here.
+Example::
 
-* :mod:`~jaxeff.optim.sophia`, :mod:`~jaxeff.optim.hessian` -- Sophia-G / Sophia-H and their
-  diagonal-Hessian estimators.
-* :mod:`~jaxeff.optim.galore`, :mod:`~jaxeff.optim.projection` -- GaLore low-rank gradient
-  projection.
-* :mod:`~jaxeff.optim.compress` -- int8 / FP8 (COAT DRE) compressed optimizer states.
-* :mod:`~jaxeff.optim.sparsity` -- pruning masks and sparsity schedules during pre-training.
-* :mod:`~jaxeff.optim.param_ema` -- an EMA of the parameters (not of the updates).
-* :mod:`~jaxeff.optim.layerwise` -- layer-wise learning-rate decay and the SLCA slow learner.
+    import jax, jaxeff
+    tx = jaxeff.optim.galore(1e-3, rank=0.25)            # GaLore-Adam on every weight matrix
+    state = tx.init({"w": jax.numpy.ones((8, 4))})
+
+* int8 / FP8 (COAT DRE) compressed optimizer states: ``compress_state``, ``CompressedState``,
+  ``dequantize``, ``describe_state``, ``dre_exponent``, ``FORMATS``, ``group_dequantize``,
+  ``group_quantize``, ``GroupQuantized``, ``GroupQuantizedDRE``, ``is_quantized``, ``quantize``,
+  ``quantize_like``, ``quantize_state``.
+* GaLore low-rank gradient projection (Zhao et al. 2024): ``galore``, ``GaLoreState``,
+  ``MatrixDims``, ``MOMENT_POLICIES``, ``PROJ_TYPES``, ``scale_by_galore``.
+* diagonal-Hessian estimators for Sophia: ``GaussNewtonBartlett``, ``gnb``, ``Hutchinson``,
+  ``hutchinson``.
+* layer-wise learning-rate decay and the SLCA slow learner: ``DEFAULT_EMBED``,
+  ``DEFAULT_LAYER_INDEX``, ``DEFAULT_STACKED``, ``layer_multipliers``, ``layerwise``,
+  ``layerwise_scale``, ``leaf_depths``, ``scale_by_layer``, ``slow_learner``.
+* an EMA of the parameters: ``ema_params``, ``param_ema``, ``ParamEMAState``.
+* GaLore projectors: SVD and randomized refresh: ``align_signs``, ``random_orthonormal``,
+  ``Randomized``, ``randomized_projector``, ``reproject_moment``, ``resolve_refresh``,
+  ``svd_projector``.
+* Sophia-G / Sophia-H (Liu et al. 2023): ``is_refresh_step``, ``scale_by_sophia``, ``sophia``,
+  ``sophia_extra_args``, ``sophia_win_rate``, ``SophiaState``, ``split_refresh``.
+* pruning masks during pre-training: ``apply_masks``, ``densify``, ``prune``, ``SparseState``,
+  ``sparsity_stats``, ``spdf``.
+* sparsity schedules (cubic, geometric, Journey-Matters): ``constant_sparsity``,
+  ``cubic_sparsity``, ``geometric_sparsity``, ``journey_schedule``, ``journey_window``.
 """
-from jaxeff.optim import (compress, galore, hessian, layerwise, param_ema, projection,
-                          sophia, sparsity, sparsity_schedules)
-from jaxeff.optim.compress import (CompressedState, GroupQuantized, GroupQuantizedDRE,
-                                   compress_state, describe_state)
-from jaxeff.optim.galore import GaLoreState, Randomized, scale_by_galore
-from jaxeff.optim.hessian import GaussNewtonBartlett, Hutchinson, gnb, hutchinson
-from jaxeff.optim.layerwise import layer_multipliers, slow_learner
-from jaxeff.optim.param_ema import ParamEMAState, ema_params
-from jaxeff.optim.sophia import (SophiaState, scale_by_sophia, sophia_extra_args,
-                                 sophia_win_rate, split_refresh)
-from jaxeff.optim.sparsity import (SparseState, apply_masks, cubic_sparsity, densify,
-                                   journey_schedule, prune, sparsity_stats)
+from jaxeff.optim._compress import (compress_state, CompressedState, dequantize, describe_state,
+                                    dre_exponent, FORMATS, group_dequantize, group_quantize,
+                                    GroupQuantized, GroupQuantizedDRE, is_quantized, quantize,
+                                    quantize_like, quantize_state)
+from jaxeff.optim._galore import (galore, GaLoreState, MatrixDims, MOMENT_POLICIES, PROJ_TYPES,
+                                  scale_by_galore)
+from jaxeff.optim._hessian import GaussNewtonBartlett, gnb, Hutchinson, hutchinson
+from jaxeff.optim._layerwise import (DEFAULT_EMBED, DEFAULT_LAYER_INDEX, DEFAULT_STACKED,
+                                     layer_multipliers, layerwise, layerwise_scale, leaf_depths,
+                                     scale_by_layer, slow_learner)
+from jaxeff.optim._param_ema import ema_params, param_ema, ParamEMAState
+from jaxeff.optim._projection import (align_signs, random_orthonormal, Randomized,
+                                      randomized_projector, reproject_moment, resolve_refresh,
+                                      svd_projector)
+from jaxeff.optim._sophia import (is_refresh_step, scale_by_sophia, sophia, sophia_extra_args,
+                                  sophia_win_rate, SophiaState, split_refresh)
+from jaxeff.optim._sparsity import apply_masks, densify, prune, SparseState, sparsity_stats, spdf
+from jaxeff.optim._sparsity_schedules import (constant_sparsity, cubic_sparsity,
+                                              geometric_sparsity, journey_schedule, journey_window)
 
 __all__ = [
-    # submodules
-    "compress", "galore", "hessian", "layerwise", "param_ema", "projection", "sophia", "sparsity",
-    "sparsity_schedules",
-    # names
-    "CompressedState", "GroupQuantized", "GroupQuantizedDRE", "compress_state", "describe_state",
-    "GaLoreState", "Randomized", "scale_by_galore",
-    "GaussNewtonBartlett", "Hutchinson", "gnb", "hutchinson",
-    "layer_multipliers", "slow_learner",
-    "ParamEMAState", "ema_params",
-    "SophiaState", "scale_by_sophia", "sophia_extra_args", "sophia_win_rate",
-    "split_refresh",
-    "SparseState", "apply_masks", "cubic_sparsity", "densify", "journey_schedule", "prune",
-    "sparsity_stats",
+    "compress_state", "CompressedState", "dequantize", "describe_state", "dre_exponent",
+    "FORMATS", "group_dequantize", "group_quantize", "GroupQuantized", "GroupQuantizedDRE",
+    "is_quantized", "quantize", "quantize_like", "quantize_state", "galore", "GaLoreState",
+    "MatrixDims", "MOMENT_POLICIES", "PROJ_TYPES", "scale_by_galore", "GaussNewtonBartlett",
+    "gnb", "Hutchinson", "hutchinson", "DEFAULT_EMBED", "DEFAULT_LAYER_INDEX",
+    "DEFAULT_STACKED", "layer_multipliers", "layerwise", "layerwise_scale", "leaf_depths",
+    "scale_by_layer", "slow_learner", "ema_params", "param_ema", "ParamEMAState",
+    "align_signs", "random_orthonormal", "Randomized", "randomized_projector",
+    "reproject_moment", "resolve_refresh", "svd_projector", "is_refresh_step",
+    "scale_by_sophia", "sophia", "sophia_extra_args", "sophia_win_rate", "SophiaState",
+    "split_refresh", "apply_masks", "densify", "prune", "SparseState", "sparsity_stats",
+    "spdf", "constant_sparsity", "cubic_sparsity", "geometric_sparsity", "journey_schedule",
+    "journey_window",
 ]

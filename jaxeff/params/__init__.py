@@ -1,46 +1,104 @@
-"""Transformations of parameter pytrees: structured weights, growth, pruning, quantization,
+"""Transformations of parameter pytrees, flat over private modules (``jaxeff.params.sltrain`` is the
+function; it lives in ``_sltrain.py``): structured weights, growth, pruning, quantization,
 averaging and elastic sub-networks.
 
-Every technique module is a submodule (``jaxeff.params.sltrain`` is the module; its entry point
-is ``jaxeff.params.sltrain.sltrain``); the other public names are also exported here.
-
-* structured weights: :mod:`~jaxeff.params.structured` (``materialize``), ``sltrain``,
-  ``lowrank``, ``lora``, ``accounting``;
-* growth and pruning: ``growth`` (G_stack), ``widen``, ``depth_prune`` (TinyFusion);
-* quantization: ``quantized`` (RTN, packed codes), ``gptq``, ``gptq_driver``;
-* averaging and continual learning: ``averaging`` (soups, EMA, LAE), ``classifier_alignment``
-  (SLCA), ``nearest_mean``; elastic sub-networks: ``elastic``.
+* parameter and byte counts: ``param_report``, ``ParamReport``, ``tree_bytes``, ``tree_size``.
+* model soups, EMA, LAE: ``check_decay``, ``ema_update``, ``greedy_soup``, ``GreedySoup``,
+  ``lae_accumulate``, ``lae_ensemble``, ``uniform_soup``.
+* SLCA classifier alignment: ``align_classifier``, ``alignment_optimizer``, ``batch_class_stats``,
+  ``class_covariance``, ``ClassStats``, ``init_class_stats``, ``logit_norm``,
+  ``merge_class_stats``, ``sample_pseudo_features``, ``update_class_stats``.
+* learnable depth pruning (TinyFusion 2024): ``argmax_layer_mask``, ``gated_scan``,
+  ``init_depth_pruning``, ``init_lora``, ``keep_patterns``, ``kept_layers``, ``merge_lora``,
+  ``prune_depth``, ``pruning_optimizer``, ``sample_layer_mask``, ``temperature_schedule``.
+* elastic sub-networks (Matryoshka / Starbucks): ``elastic_loss``, ``ElasticSize``,
+  ``extract_subnetwork``, ``resolve_size``, ``spec_units``.
+* GPTQ (Frantar et al. 2023): ``aligned_block_size``, ``check_ok``, ``check_solver_args``,
+  ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
+  ``HessianState``, ``quant_error``.
+* GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
+  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``.
+* G_stack depth growth (Du et al. 2024): ``DEFAULT_GROWTH_FACTOR``, ``grow_train_state``,
+  ``growth_tokens``, ``stack_depth``.
+* layer-container navigation: ``gather_layers``, ``layer_count``, ``stacked_layers``.
+* LoRA adapters: ``LoRA``, ``lora``, ``LoRAWeight``.
+* low-rank factors, PELA, SVFit: ``LowRank``, ``lowrank``, ``LowRankWeight``,
+  ``pela_feature_loss``, ``pela_rank``, ``pela_weight_perturbation``, ``resolve_rank``, ``SVFit``,
+  ``svfit``, ``SVFitWeight``, ``truncated_svd``.
+* nearest-class-mean classifier: ``add_classes``, ``batch_onehot``, ``ClassMeans``,
+  ``init_class_means``, ``linear_logits``, ``METRICS``, ``nmc_head``, ``nmc_predict``,
+  ``nmc_scores``, ``update_class_means``.
+* RTN quantization and packed codes: ``check_quant_args``, ``codes_per_word``, ``find_params``,
+  ``pack``, ``quantize_codes``, ``QuantizedWeight``, ``rtn``, ``rtn_weight``, ``stack_quantized``,
+  ``tree_nbytes``, ``unpack``, ``VALID_BITS``.
+* SLTrain sparse plus low-rank (Han et al. 2024): ``SLTrain``, ``sltrain``, ``sltrain_preset``,
+  ``SLTRAIN_PRESETS``, ``SLTrainWeight``.
+* structured weights: ``materialize``, ``partition`` / ``combine``: ``array_fields``, ``combine``,
+  ``is_structured``, ``map_matrices``, ``materialize``, ``MatrixLayout``, ``normal``,
+  ``partition``, ``specs_from``, ``structured_specs``, ``StructuredWeight``, ``trainable_mask``,
+  ``uniform``.
+* function-preserving width growth (Net2Net / bert2BERT): ``GrowthWarning``,
+  ``insert_identity_layers``, ``ROLES``, ``widen``.
 """
-from jaxeff.params import (accounting, averaging, classifier_alignment, depth_prune, elastic,
-                           gptq, gptq_driver, growth, layers, lora, lowrank, nearest_mean,
-                           quantized, sltrain, structured, widen)
-from jaxeff.params.accounting import ParamReport, param_report, tree_bytes, tree_size
-from jaxeff.params.averaging import (GreedySoup, ema_update, greedy_soup, lae_accumulate,
-                                     lae_ensemble, uniform_soup)
-from jaxeff.params.depth_prune import prune_depth
-from jaxeff.params.elastic import ElasticSize, elastic_loss, extract_subnetwork
-from jaxeff.params.gptq_driver import gptq_model
-from jaxeff.params.growth import grow_train_state, growth_tokens, stack_depth
-from jaxeff.params.lora import LoRA, LoRAWeight
-from jaxeff.params.lowrank import LowRank, LowRankWeight, truncated_svd
-from jaxeff.params.quantized import QuantizedWeight, rtn
-from jaxeff.params.sltrain import SLTrain, SLTrainWeight
-from jaxeff.params.structured import (StructuredWeight, combine, is_structured, materialize,
-                                      partition, trainable_mask)
-from jaxeff.params.widen import GrowthWarning
+from jaxeff.params._accounting import param_report, ParamReport, tree_bytes, tree_size
+from jaxeff.params._averaging import (check_decay, ema_update, greedy_soup, GreedySoup,
+                                      lae_accumulate, lae_ensemble, uniform_soup)
+from jaxeff.params._classifier_alignment import (align_classifier, alignment_optimizer,
+                                                 batch_class_stats, class_covariance, ClassStats,
+                                                 init_class_stats, logit_norm, merge_class_stats,
+                                                 sample_pseudo_features, update_class_stats)
+from jaxeff.params._depth_prune import (argmax_layer_mask, gated_scan, init_depth_pruning,
+                                        init_lora, keep_patterns, kept_layers, merge_lora,
+                                        prune_depth, pruning_optimizer, sample_layer_mask,
+                                        temperature_schedule)
+from jaxeff.params._elastic import (elastic_loss, ElasticSize, extract_subnetwork, resolve_size,
+                                    spec_units)
+from jaxeff.params._gptq import (aligned_block_size, check_ok, check_solver_args, gptq, gptq_solve,
+                                 gptq_weight, GPTQResult, hessian_init, hessian_update,
+                                 HessianState, quant_error)
+from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
+                                        LayerwiseModel, list_layers, llama_like, stacked_layerwise)
+from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
+                                   stack_depth)
+from jaxeff.params._layers import gather_layers, layer_count, stacked_layers
+from jaxeff.params._lora import LoRA, lora, LoRAWeight
+from jaxeff.params._lowrank import (LowRank, lowrank, LowRankWeight, pela_feature_loss, pela_rank,
+                                    pela_weight_perturbation, resolve_rank, SVFit, svfit,
+                                    SVFitWeight, truncated_svd)
+from jaxeff.params._nearest_mean import (add_classes, batch_onehot, ClassMeans, init_class_means,
+                                         linear_logits, METRICS, nmc_head, nmc_predict, nmc_scores,
+                                         update_class_means)
+from jaxeff.params._quantized import (check_quant_args, codes_per_word, find_params, pack,
+                                      quantize_codes, QuantizedWeight, rtn, rtn_weight,
+                                      stack_quantized, tree_nbytes, unpack, VALID_BITS)
+from jaxeff.params._sltrain import SLTrain, sltrain, sltrain_preset, SLTRAIN_PRESETS, SLTrainWeight
+from jaxeff.params._structured import (array_fields, combine, is_structured, map_matrices,
+                                       materialize, MatrixLayout, normal, partition, specs_from,
+                                       structured_specs, StructuredWeight, trainable_mask, uniform)
+from jaxeff.params._widen import GrowthWarning, insert_identity_layers, ROLES, widen
 
 __all__ = [
-    # submodules
-    "accounting", "averaging", "classifier_alignment", "depth_prune", "elastic", "gptq",
-    "gptq_driver", "growth", "layers", "lora", "lowrank", "nearest_mean", "quantized", "sltrain",
-    "structured", "widen",
-    # names
-    "ParamReport", "param_report", "tree_bytes", "tree_size",
-    "GreedySoup", "ema_update", "greedy_soup", "lae_accumulate", "lae_ensemble", "uniform_soup",
-    "prune_depth", "ElasticSize", "elastic_loss", "extract_subnetwork",
-    "gptq_model", "grow_train_state", "growth_tokens", "stack_depth",
-    "LoRA", "LoRAWeight", "LowRank", "LowRankWeight", "truncated_svd",
-    "QuantizedWeight", "rtn", "SLTrain", "SLTrainWeight",
-    "StructuredWeight", "combine", "is_structured", "materialize", "partition", "trainable_mask",
-    "GrowthWarning",
+    "param_report", "ParamReport", "tree_bytes", "tree_size", "check_decay", "ema_update",
+    "greedy_soup", "GreedySoup", "lae_accumulate", "lae_ensemble", "uniform_soup",
+    "align_classifier", "alignment_optimizer", "batch_class_stats", "class_covariance",
+    "ClassStats", "init_class_stats", "logit_norm", "merge_class_stats",
+    "sample_pseudo_features", "update_class_stats", "argmax_layer_mask", "gated_scan",
+    "init_depth_pruning", "init_lora", "keep_patterns", "kept_layers", "merge_lora",
+    "prune_depth", "pruning_optimizer", "sample_layer_mask", "temperature_schedule",
+    "elastic_loss", "ElasticSize", "extract_subnetwork", "resolve_size", "spec_units",
+    "aligned_block_size", "check_ok", "check_solver_args", "gptq", "gptq_solve", "gptq_weight",
+    "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
+    "calibration_batches", "default_token_mask", "gptq_model", "LayerwiseModel", "list_layers",
+    "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
+    "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "LoRA",
+    "lora", "LoRAWeight", "LowRank", "lowrank", "LowRankWeight", "pela_feature_loss",
+    "pela_rank", "pela_weight_perturbation", "resolve_rank", "SVFit", "svfit", "SVFitWeight",
+    "truncated_svd", "add_classes", "batch_onehot", "ClassMeans", "init_class_means",
+    "linear_logits", "METRICS", "nmc_head", "nmc_predict", "nmc_scores", "update_class_means",
+    "check_quant_args", "codes_per_word", "find_params", "pack", "quantize_codes",
+    "QuantizedWeight", "rtn", "rtn_weight", "stack_quantized", "tree_nbytes", "unpack",
+    "VALID_BITS", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS", "SLTrainWeight",
+    "array_fields", "combine", "is_structured", "map_matrices", "materialize", "MatrixLayout",
+    "normal", "partition", "specs_from", "structured_specs", "StructuredWeight",
+    "trainable_mask", "uniform", "GrowthWarning", "insert_identity_layers", "ROLES", "widen",
 ]

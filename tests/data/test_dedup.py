@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxeff.data.dedup import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
-                               near_duplicates, semantic_duplicates, shingle_hashes)
+from jaxeff.data import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
+                         near_duplicates, semantic_duplicates, shingle_hashes)
 
 
 def _random_text(rng, n=600):

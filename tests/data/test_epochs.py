@@ -9,8 +9,8 @@ import pytest
 from jaxeff.checkpoint import Checkpointer
 
 from jaxeff.data import ByteTokenizer, Document, make_lm_dataset
-from jaxeff.data.epochs import (CountingIterator, EpochCounter, RepeatedDataWarning,
-                                check_repetition, repetition_report, unique_target_tokens)
+from jaxeff.data import (CountingIterator, EpochCounter, RepeatedDataWarning, check_repetition,
+                         repetition_report, unique_target_tokens)
 
 TOK = ByteTokenizer()
 DOCS = [Document("ab", {"id": "a"}), Document("cde", {"id": "b"}),

@@ -7,8 +7,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxeff.data import ByteTokenizer, Corpus, Document, make_eval_batches, make_lm_dataset
-from jaxeff.data.meco import (MetadataPrefix, conditioned_eval_batches, make_meco_dataset,
-                              meco_prompt, meco_switch_step, url_domain)
+from jaxeff.data import (MetadataPrefix, conditioned_eval_batches, make_meco_dataset, meco_prompt,
+                         meco_switch_step, url_domain)
 
 TOK = ByteTokenizer()
 BOS, EOS = TOK.bos_id, TOK.eos_id

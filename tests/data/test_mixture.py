@@ -7,8 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxeff.data.mixture import (MixtureSchedule, PhaseMap, SelectIterDataset, check_weights,
-                                 constant_mixture, mix_map_datasets, upsample_at_end)
+from jaxeff.data import (MixtureSchedule, PhaseMap, SelectIterDataset, check_weights,
+                         constant_mixture, mix_map_datasets, upsample_at_end)
 
 
 def _lookup(sched, n):
@@ -167,7 +167,7 @@ def test_non_prefix_map_is_rejected_at_iteration():
 
 def test_mixture_lm_dataset_batches_follow_schedule():
     from jaxeff.data import ByteTokenizer, Corpus, Document
-    from jaxeff.data.mixture import make_mixture_lm_dataset, size_weights
+    from jaxeff.data import make_mixture_lm_dataset, size_weights
     tok = ByteTokenizer()
     a = Corpus([Document("a" * (5 + i), {"id": f"a{i}"}) for i in range(8)], "a")
     b = Corpus([Document("b" * (5 + i), {"id": f"b{i}"}) for i in range(8)], "b")

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jaxeff.data import ByteTokenizer, Corpus, Document
-from jaxeff.data.multigrid import MultigridSchedule, make_multigrid_dataset
+from jaxeff.data import MultigridSchedule, make_multigrid_dataset
 
 TOK = ByteTokenizer()
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from jaxeff.data import ByteTokenizer, Corpus, Document
-from jaxeff.data.objectives import (BYTE_UL2_MODE_IDS, BYTE_UL2_SENTINELS, Denoiser,
-                                    MLMTransform, UL2Transform, decoder_only, make_ul2_dataset,
-                                    max_chunk_len, mlm_mask, prefix_lm_split,
-                                    random_spans_noise_mask, span_corrupt, span_reconstruct,
-                                    ul2_denoisers, ul2_example)
+from jaxeff.data import (BYTE_UL2_MODE_IDS, BYTE_UL2_SENTINELS, Denoiser, MLMTransform,
+                         UL2Transform, decoder_only, make_ul2_dataset, max_chunk_len, mlm_mask,
+                         prefix_lm_split, random_spans_noise_mask, span_corrupt, span_reconstruct,
+                         ul2_denoisers, ul2_example)
 
 TOK = ByteTokenizer()
 SENT = BYTE_UL2_SENTINELS

@@ -7,7 +7,7 @@ import grain
 
 from jaxeff.data import (BATCH_KEYS, ByteTokenizer, Corpus, Document, fill_rate,
                          load_stdlib_corpus, make_eval_batches, make_lm_dataset)
-from jaxeff.data.pipeline import pack_lm
+from jaxeff.data import pack_lm
 
 TOK = ByteTokenizer()
 PAD, BOS, EOS = TOK.pad_id, TOK.bos_id, TOK.eos_id

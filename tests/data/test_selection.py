@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from jaxeff.data import ByteTokenizer, Corpus, Document
-from jaxeff.data.selection import (apply_selection, cached_scores, hashed_ngram_features,
-                                   logreg_scores, loss_scores, moment_matching_scores,
-                                   predictive_strength, preselect_labels, select_top,
-                                   train_logreg)
+from jaxeff.data import (apply_selection, cached_scores, hashed_ngram_features, logreg_scores,
+                         loss_scores, moment_matching_scores, predictive_strength,
+                         preselect_labels, select_top, train_logreg)
 
 TOK = ByteTokenizer()
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.losses import distill
+from jaxeff.losses import _distill as distill
 from jaxeff.losses import init_projection, masked_mean, project
 
 # jit everything numeric: one compile per test instead of one per eager op (CPU time in CI)

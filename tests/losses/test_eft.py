@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.losses import eft
+from jaxeff.losses import _eft as eft
 from jaxeff.losses import eft_generate
 
 eft_logprobs = jax.jit(eft.eft_logprobs)

@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
-from jaxeff.optim import compress as C
+from jaxeff.optim import _compress as C
 
 
 def _heavy_v(key, shape):
@@ -174,8 +174,8 @@ def test_fmt_rules_and_state_bytes():
 
 
 def test_around_sophia_scaling():
-    from jaxeff.optim.hessian import hutchinson
-    from jaxeff.optim.sophia import scale_by_sophia
+    from jaxeff.optim import hutchinson
+    from jaxeff.optim import scale_by_sophia
     A = jnp.asarray(np.random.default_rng(5).standard_normal((64, 64)), jnp.float32)
     loss = lambda p, batch: jnp.sum((batch @ p["w"]) ** 2) * 1e-3
     batch = jnp.asarray(np.random.default_rng(6).standard_normal((16, 64)), jnp.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxeff.kernels import group_quant as G
-from jaxeff.optim import compress as C
+from jaxeff.optim import _compress as C
 
 
 def _moment(seed, shape, decades):

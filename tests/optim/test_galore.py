@@ -10,9 +10,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as PS
 
-from jaxeff.optim import compress as C
+from jaxeff.optim import _compress as C
 # the module, even if jaxeff.optim re-exports the `galore` function under the same name
-G = importlib.import_module("jaxeff.optim.galore")
+G = importlib.import_module("jaxeff.optim._galore")
 
 SHAPES = {"a": (32, 16), "b": (16, 32)}
 

@@ -7,7 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxeff.optim.hessian import gnb, hutchinson
+from jaxeff.optim import gnb, hutchinson
 
 D, H, V, N = 3, 4, 3, 6
 

@@ -7,8 +7,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.optim.layerwise import (layer_multipliers, layerwise, layerwise_scale,
-                                    scale_by_layer, slow_learner)
+from jaxeff.optim import (layer_multipliers, layerwise, layerwise_scale, scale_by_layer,
+                          slow_learner)
 
 L = 3
 

@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.optim.param_ema import ParamEMAState, ema_params, param_ema
+from jaxeff.optim import ParamEMAState, ema_params, param_ema
 
 
 def params0():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxeff.optim import projection as P
+from jaxeff.optim import _projection as P
 
 
 def _orthonormal(seed, m, r):

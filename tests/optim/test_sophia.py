@@ -8,9 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.optim.sophia import (SophiaState, gnb, hutchinson, is_refresh_step, scale_by_sophia,
-                                 sophia, sophia_extra_args, sophia_win_rate,
-                                 split_refresh)
+from jaxeff.optim import (SophiaState, gnb, hutchinson, is_refresh_step, scale_by_sophia, sophia,
+                          sophia_extra_args, sophia_win_rate, split_refresh)
 
 D, V, N = 4, 5, 8
 

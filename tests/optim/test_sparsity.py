@@ -11,9 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.optim.sparsity import (apply_masks, constant_sparsity, cubic_sparsity, densify,
-                                   geometric_sparsity, journey_schedule, journey_window, prune,
-                                   sparsity_stats, spdf)
+from jaxeff.optim import (apply_masks, constant_sparsity, cubic_sparsity, densify,
+                          geometric_sparsity, journey_schedule, journey_window, prune,
+                          sparsity_stats, spdf)
 
 
 def _randn(seed, shape, scale=1.0):
@@ -251,7 +251,7 @@ def test_bad_inputs():
 def test_topk_ties_are_broken_in_row_major_order():
     """The sharding-friendly top-k (bisection, no flatten/cumsum) keeps exactly k entries and
     breaks ties by list order then row-major position, like a stable sort would."""
-    from jaxeff.optim.sparsity import _to_keys, _topk_global, _topk_groups
+    from jaxeff.optim._sparsity import _to_keys, _topk_global, _topk_groups
     rng = np.random.default_rng(0)
     xs = [jnp.asarray(rng.integers(0, 3, s).astype(np.float32)) for s in [(2, 4, 6), (5, 3)]]
     flat = np.concatenate([np.asarray(x).reshape(-1) for x in xs])

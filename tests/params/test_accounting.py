@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.params.accounting import param_report, tree_bytes, tree_size
-from jaxeff.params.lowrank import lowrank
-from jaxeff.params.sltrain import sltrain
-from jaxeff.params.structured import partition
+from jaxeff.params import param_report, tree_bytes, tree_size
+from jaxeff.params import lowrank
+from jaxeff.params import sltrain
+from jaxeff.params import partition
 
 
 def _abstract_params():

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.params.averaging import (GreedySoup, ema_update, greedy_soup, lae_accumulate,
-                                     lae_ensemble, uniform_soup)
+from jaxeff.params import (GreedySoup, ema_update, greedy_soup, lae_accumulate, lae_ensemble,
+                           uniform_soup)
 
 
 def tree(seed, dtype=np.float32):

@@ -7,10 +7,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.params.classifier_alignment import (
-    ClassStats, align_classifier, alignment_optimizer, class_covariance, init_class_stats,
-    logit_norm, merge_class_stats, sample_pseudo_features, update_class_stats)
-from jaxeff.params.nearest_mean import linear_logits
+from jaxeff.params import (ClassStats, align_classifier, alignment_optimizer, class_covariance,
+                           init_class_stats, logit_norm, merge_class_stats,
+                           sample_pseudo_features, update_class_stats)
+from jaxeff.params import linear_logits
 
 
 def _data(seed=0, n=90, d=3, c=3, offset=0.0):

@@ -10,10 +10,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff.models import llama
-from jaxeff.params.depth_prune import (argmax_layer_mask, gated_scan, init_depth_pruning,
-                                       init_lora, keep_patterns, kept_layers, merge_lora,
-                                       prune_depth, pruning_optimizer, sample_layer_mask,
-                                       temperature_schedule)
+from jaxeff.params import (argmax_layer_mask, gated_scan, init_depth_pruning, init_lora,
+                           keep_patterns, kept_layers, merge_lora, prune_depth, pruning_optimizer,
+                           sample_layer_mask, temperature_schedule)
 
 CFG = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=24,
                         max_seq_len=8)

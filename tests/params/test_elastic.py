@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from jaxeff.models import llama
-from jaxeff.params.elastic import (ElasticSize, elastic_loss, extract_subnetwork, resolve_size,
-                                   spec_units)
+from jaxeff.params import ElasticSize, elastic_loss, extract_subnetwork, resolve_size, spec_units
 
 CFG = llama.LlamaConfig(vocab_size=32, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48,
                         max_seq_len=16)

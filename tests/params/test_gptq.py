@@ -9,9 +9,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxeff.params.gptq import (aligned_block_size, gptq, gptq_solve, hessian_init,
-                                hessian_update, quant_error)
-from jaxeff.params.quantized import rtn_weight
+from jaxeff.params import (aligned_block_size, gptq, gptq_solve, hessian_init, hessian_update,
+                           quant_error)
+from jaxeff.params import rtn_weight
 
 IN, OUT = 32, 24
 

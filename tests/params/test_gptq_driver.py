@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from jaxeff.models import llama
-from jaxeff.params.gptq import gptq, hessian_init, hessian_update
-from jaxeff.params.gptq_driver import calibration_batches, gptq_model, list_layers, llama_like
-from jaxeff.params.quantized import QuantizedWeight, rtn
-from jaxeff.params.structured import materialize
+from jaxeff.params import gptq, hessian_init, hessian_update
+from jaxeff.params import calibration_batches, gptq_model, list_layers, llama_like
+from jaxeff.params import QuantizedWeight, rtn
+from jaxeff.params import materialize
 
 D = 16
 

@@ -11,8 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff import train
 from jaxeff.models import llama
-from jaxeff.params.growth import (gather_layers, grow_train_state, growth_tokens, layer_count,
-                                  stack_depth)
+from jaxeff.params import gather_layers, grow_train_state, growth_tokens, layer_count, stack_depth
 
 CFG = llama.LlamaConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48,
                         max_seq_len=16)

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.params.accounting import param_report, tree_bytes
-from jaxeff.params.lora import LoRA, lora
-from jaxeff.params.structured import combine, materialize, partition
+from jaxeff.params import param_report, tree_bytes
+from jaxeff.params import LoRA, lora
+from jaxeff.params import combine, materialize, partition
 
 def _randn(seed, shape, scale=1.0):
     """Test data from NumPy (no XLA compile per shape)."""

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxeff.params.lowrank import (LowRankWeight, lowrank, pela_feature_loss, pela_rank,
-                                   pela_weight_perturbation, resolve_rank, svfit, truncated_svd)
-from jaxeff.params.structured import combine, materialize, partition, trainable_mask
+from jaxeff.params import (LowRankWeight, lowrank, pela_feature_loss, pela_rank,
+                           pela_weight_perturbation, resolve_rank, svfit, truncated_svd)
+from jaxeff.params import combine, materialize, partition, trainable_mask
 
 def _randn(seed, shape, scale=1.0):
     """Test data from NumPy (no XLA compile per shape)."""

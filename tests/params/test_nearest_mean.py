@@ -5,8 +5,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxeff.params.nearest_mean import (ClassMeans, add_classes, init_class_means, linear_logits,
-                                        nmc_head, nmc_predict, nmc_scores, update_class_means)
+from jaxeff.params import (ClassMeans, add_classes, init_class_means, linear_logits, nmc_head,
+                           nmc_predict, nmc_scores, update_class_means)
 
 
 def _stream(state, x, y, sizes, mask=None):

@@ -6,9 +6,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxeff.params.quantized import (QuantizedWeight, pack, rtn, rtn_weight, stack_quantized,
-                                     tree_nbytes, unpack)
-from jaxeff.params.structured import materialize, structured_specs, trainable_mask
+from jaxeff.params import (QuantizedWeight, pack, rtn, rtn_weight, stack_quantized, tree_nbytes,
+                           unpack)
+from jaxeff.params import materialize, structured_specs, trainable_mask
 
 SEL = "layers/(wq|w_up)$"
 

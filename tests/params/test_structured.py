@@ -8,11 +8,11 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxeff.params.lora import LoRAWeight, lora
-from jaxeff.params.lowrank import lowrank, svfit
-from jaxeff.params.sltrain import sltrain
-from jaxeff.params.structured import (MatrixLayout, combine, is_structured, materialize,
-                                      partition, structured_specs, trainable_mask)
+from jaxeff.params import LoRAWeight, lora
+from jaxeff.params import lowrank, svfit
+from jaxeff.params import sltrain
+from jaxeff.params import (MatrixLayout, combine, is_structured, materialize, partition,
+                           structured_specs, trainable_mask)
 
 def _randn(seed, shape, scale=1.0):
     """Test data from NumPy (no XLA compile per shape)."""

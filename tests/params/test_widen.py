@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff.models import llama
-from jaxeff.params.widen import GrowthWarning, insert_identity_layers, widen
+from jaxeff.params import GrowthWarning, insert_identity_layers, widen
 
 CFG = llama.LlamaConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24,
                         max_seq_len=8)

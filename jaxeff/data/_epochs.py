@@ -33,8 +33,8 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from jaxeff.data.corpus import Document
-from jaxeff.data.tokenizer import validate_tokenizer
+from jaxeff.data._corpus import Document
+from jaxeff.data._tokenizer import validate_tokenizer
 
 __all__ = ["RepeatedDataWarning", "EpochReport", "unique_target_tokens", "repetition_report",
            "check_repetition", "EpochCounter", "CountingIterator"]

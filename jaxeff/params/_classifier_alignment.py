@@ -3,7 +3,7 @@
 Paper: "SLCA: Slow Learner with Classifier Alignment for Continual Learning on a Pre-trained
 Model" (Zhang, Wang, Kang, Chen, Wei, 2023); reference GengDavid/SLCA (``models/slca.py``,
 ``models/base.py``). The slow-learner half (backbone lr x0.01) is
-:func:`jaxeff.optim.layerwise.slow_learner`; this module is the classifier-alignment half.
+:func:`jaxeff.optim.slow_learner`; this module is the classifier-alignment half.
 
 After training on task ``t`` (exemplar-free, class-incremental):
 
@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff.params.nearest_mean import _check_positive_int, batch_onehot, linear_logits
+from jaxeff.params._nearest_mean import _check_positive_int, batch_onehot, linear_logits
 
 __all__ = ["ClassStats", "init_class_stats", "batch_class_stats", "merge_class_stats",
            "update_class_stats", "class_covariance", "sample_pseudo_features", "logit_norm",
@@ -122,7 +122,7 @@ def batch_class_stats(features, labels, num_classes: int, mask=None,
 
     Args: features ``[N, D]``; labels int ``[N]`` in ``[0, num_classes)``; mask optional bool
     ``[N]`` (False = ignore the row); dtype of the result (default float32).
-    Raises: what :func:`jaxeff.params.nearest_mean.batch_onehot` raises.
+    Raises: what :func:`jaxeff.params.batch_onehot` raises.
     """
     C = _check_positive_int("num_classes", num_classes)
     D = jnp.shape(features)[-1] if jnp.ndim(features) == 2 else -1

@@ -23,7 +23,7 @@ resume exactly. Causal LM is the default pipeline (:func:`jaxeff.data.make_lm_da
   denoiser's mode token (``[NLU]``, ``[NLG]``, ``[S2S]``).
 
 Decoder-only form (:func:`decoder_only`): ``tokens = inputs + targets``, ``loss_mask`` 1 on the
-targets only, ready for :func:`jaxeff.data.pipeline.pack_lm`. The reference model is causal, so
+targets only, ready for :func:`jaxeff.data.pack_lm`. The reference model is causal, so
 the prefix is read causally (a true prefix LM would attend bidirectionally within it).
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from jaxeff.data.corpus import Document
-from jaxeff.data.mixture import check_fraction, check_weights
-from jaxeff.data.pipeline import _source, pack_lm
-from jaxeff.data.tokenizer import validate_tokenizer
+from jaxeff.data._corpus import Document
+from jaxeff.data._mixture import check_fraction, check_weights
+from jaxeff.data._pipeline import _source, pack_lm
+from jaxeff.data._tokenizer import validate_tokenizer
 
 __all__ = ["random_spans_noise_mask", "span_corrupt", "span_reconstruct", "prefix_lm_split",
            "mlm_mask", "Denoiser", "ul2_denoisers", "ul2_example", "decoder_only",

@@ -170,7 +170,7 @@ def add_classes(state, num_new: int):
     """Grow the class capacity by ``num_new`` empty classes (count 0, zero statistics).
 
     Works on any NamedTuple state whose leaves have the class axis first (:class:`ClassMeans`,
-    :class:`jaxeff.params.classifier_alignment.ClassStats`).
+    :class:`jaxeff.params.ClassStats`).
 
     Raises:
       ValueError: ``num_new`` not a positive int; TypeError: a state without ``count``/``mean``.
@@ -249,7 +249,7 @@ def nmc_head(state, metric: str = "cosine", eps: float = 1e-12) -> dict:
 
 def linear_logits(head, features):
     """``features @ head['w'] + head['b']`` (``'b'`` optional): the head form used by
-    :func:`nmc_head` and :func:`jaxeff.params.classifier_alignment.align_classifier`.
+    :func:`nmc_head` and :func:`jaxeff.params.align_classifier`.
 
     Raises ValueError when ``head['w']`` is not ``[D, C]`` for ``[N, D]`` features."""
     w = jnp.asarray(head["w"])

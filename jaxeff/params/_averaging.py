@@ -18,7 +18,7 @@ identical checkpoints is exactly that checkpoint.
 ``params + decay * (avg - params)`` so ``decay = 0`` copies ``params`` and a constant input is a
 fixed point, both exactly. Keep ``avg`` in float32: in bfloat16 an increment ``(1 - 0.999) * d``
 is below half an ulp of ``avg`` and is lost. For the in-optimizer version see
-:func:`jaxeff.optim.param_ema.param_ema` (``optax.ema`` averages *updates*, not params).
+:func:`jaxeff.optim.param_ema` (``optax.ema`` averages *updates*, not params).
 
 **LAE** ("A Unified Continual Learning Framework with General Parameter-Efficient Tuning", Gao
 et al., ICCV 2023; reference gqk/LAE): an *online* module learns the new task; after each step an

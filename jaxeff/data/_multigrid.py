@@ -13,7 +13,7 @@ sequence length ``L_s = f_s L`` with ``B_s = B L / L_s`` so every step sees ``B 
 
 :class:`MultigridSchedule` is also a prefix-count ``DatasetSelectionMap`` ``step -> (shape,
 k-th step of that shape)``; :func:`make_multigrid_dataset` routes one packed pipeline per
-distinct shape through :class:`jaxeff.data.mixture.SelectIterDataset`, so batch ``s`` has
+distinct shape through :class:`jaxeff.data.SelectIterDataset`, so batch ``s`` has
 shape ``[B_s, L_s]`` and the iterator state (step, per-shape cursors and pipelines) resumes in
 the right stage. The loop recompiles once per distinct shape (``len(seq_factors)`` at most + 1).
 Each shape's pipeline reads the corpus with its own seed (``seed + j``), so a document can
@@ -29,8 +29,8 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.data.mixture import SelectIterDataset, check_fraction
-from jaxeff.data.pipeline import make_lm_dataset
+from jaxeff.data._mixture import SelectIterDataset, check_fraction
+from jaxeff.data._pipeline import make_lm_dataset
 
 __all__ = ["Stage", "MultigridSchedule", "make_multigrid_dataset", "LR_SCALINGS"]
 

@@ -19,7 +19,7 @@ dotted module path (``meta['module']``, e.g. ``email.mime.text``) as its URL-lik
 real URLs use ``value_fn=url_domain``.
 
 Cooldown switch (:func:`make_meco_dataset`): two packed pipelines -- with and without metadata --
-behind a :class:`jaxeff.data.mixture.SelectIterDataset` routed by
+behind a :class:`jaxeff.data.SelectIterDataset` routed by
 ``PhaseMap([switch_step])`` over *batches*, with ``switch_step = round((1 - c) * total_steps)``.
 The consumed batch count is part of the iterator state, so a resumed run lands in the right
 phase; as in the paper the cooldown starts its own data loader (fresh shuffle, seed + 1).
@@ -31,10 +31,10 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from jaxeff.data.corpus import Document
-from jaxeff.data.mixture import PhaseMap, SelectIterDataset, check_fraction
-from jaxeff.data.pipeline import make_eval_batches, make_lm_dataset
-from jaxeff.data.tokenizer import validate_tokenizer
+from jaxeff.data._corpus import Document
+from jaxeff.data._mixture import PhaseMap, SelectIterDataset, check_fraction
+from jaxeff.data._pipeline import make_eval_batches, make_lm_dataset
+from jaxeff.data._tokenizer import validate_tokenizer
 
 __all__ = ["DEFAULT_TEMPLATE", "MetadataPrefix", "url_domain", "meco_switch_step",
            "make_meco_dataset", "meco_prompt", "conditioned_eval_batches"]

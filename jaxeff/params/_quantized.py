@@ -48,7 +48,7 @@ last (what ``jaxeff.kernels``' dequantize-matmul takes; pass ``zero`` as float).
 10 codes and never straddle words (unlike GPTQ's 32-codes-in-3-words packing).
 
 Slicing a stacked leaf (``lax.scan``/``vmap`` over it) does not update the static ``shape``;
-``materialize`` the tree first (``jaxeff.params.structured.materialize``).
+``materialize`` the tree first (``jaxeff.params.materialize``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.params.structured import StructuredWeight, is_structured, specs_from
+from jaxeff.params._structured import StructuredWeight, is_structured, specs_from
 from jaxeff.select import Selector, path_str, select_mask
 
 __all__ = ["QuantizedWeight", "VALID_BITS", "codes_per_word", "pack", "unpack", "find_params",
@@ -121,7 +121,7 @@ class QuantizedWeight(StructuredWeight):
     group_size: int = flax.struct.field(pytree_node=False)
     act_order: bool = flax.struct.field(pytree_node=False, default=False)
 
-    # Post-training codes: nothing here trains (jaxeff.params.structured.trainable_mask).
+    # Post-training codes: nothing here trains (jaxeff.params.trainable_mask).
     trainable_fields: ClassVar[tuple[str, ...]] = ()
 
     def factor_specs(self, dense_spec) -> "QuantizedWeight":

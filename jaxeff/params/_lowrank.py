@@ -41,8 +41,8 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.params.structured import (MatrixLayout, StructuredWeight, is_structured,
-                                      map_matrices, materialize, normal, specs_from)
+from jaxeff.params._structured import (MatrixLayout, StructuredWeight, is_structured,
+                                       map_matrices, materialize, normal, specs_from)
 
 __all__ = ["pela_rank", "resolve_rank", "truncated_svd", "LowRankWeight", "LowRank", "lowrank",
            "SVFitWeight", "SVFit", "svfit", "pela_feature_loss", "pela_weight_perturbation"]

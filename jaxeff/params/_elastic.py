@@ -12,7 +12,7 @@ logical width dimension, so every smaller model is nested inside every larger on
     sub_layer[i] = layer[i]                       i < n          (or explicit layer indices)
     W'[..., :, j, :, ...] = W[..., :, j, :, ...]   j < k          on every axis carrying the dim
 
-The spec is plain data, the format of :func:`jaxeff.params.widen.widen` (no model is imported):
+The spec is plain data, the format of :func:`jaxeff.params.widen` (no model is imported):
 ``{dim: [(regex, axis, role[, groups]), ...]}`` or ``{dim: {"units": n, "axes": [...]}}``. An axis
 of length ``groups * n * inner`` is viewed as ``[groups, n, inner]`` and the middle one is
 sliced; ``axis`` is counted on the stored leaf (use negative axes so stacked and per-layer leaves
@@ -26,7 +26,7 @@ its query heads, so GQA stays consistent)::
 
 and a sub-model runs with ``n_layers = n``, ``d_ff = k_mlp``, ``n_kv_heads = k_heads``,
 ``n_heads = k_heads * R`` and the **same head_dim** (the test and the study give the adapter).
-Depth uses :func:`jaxeff.params.growth.gather_layers` (stacked or per-layer layouts). Everything
+Depth uses :func:`jaxeff.params.gather_layers` (stacked or per-layer layouts). Everything
 is slicing, so it jit-compiles and gradients flow back into the full params.
 """
 from __future__ import annotations
@@ -38,13 +38,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 
-from jaxeff.params.layers import gather_layers, layer_count
+from jaxeff.params._layers import gather_layers, layer_count
+from jaxeff.params._widen import ROLES
 from jaxeff.select import path_str, select_mask
 
-__all__ = ["ElasticSize", "spec_units", "resolve_size", "extract_subnetwork", "elastic_loss",
-           "ROLES"]
-
-ROLES = ("out", "in", "norm", "tied")
+__all__ = ["ElasticSize", "spec_units", "resolve_size", "extract_subnetwork", "elastic_loss"]
 
 
 class ElasticSize(NamedTuple):

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff.data.corpus import Corpus, Document, corpus_fingerprint
-from jaxeff.data.mixture import check_fraction
+from jaxeff.data._corpus import Corpus, Document, corpus_fingerprint
+from jaxeff.data._mixture import check_fraction
 
 __all__ = ["hashed_ngram_features", "loss_scores", "predictive_strength", "preselect_labels",
            "LogReg", "train_logreg", "logreg_scores", "moment_matching_scores", "Selection",

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim.hessian import GaussNewtonBartlett, gnb, hutchinson
+from jaxeff.optim._hessian import GaussNewtonBartlett, gnb, hutchinson
 from jaxeff.select import select_mask
 
 __all__ = ["SophiaState", "scale_by_sophia", "sophia", "sophia_extra_args", "sophia_win_rate",

@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from jaxeff.data.pipeline import EncodeDocument, _source, pack_lm
+from jaxeff.data._pipeline import EncodeDocument, _source, pack_lm
 
 __all__ = ["MixtureSchedule", "PhaseMap", "SelectIterDataset", "mix_map_datasets",
            "constant_mixture", "upsample_at_end", "check_weights", "check_fraction",

@@ -29,7 +29,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "BYTE_PAD_ID", "BYTE_BOS_ID",
-           "BYTE_EOS_ID", "BYTE_VOCAB_SIZE"]
+           "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "validate_tokenizer"]
 
 BYTE_PAD_ID = 256
 BYTE_BOS_ID = 257

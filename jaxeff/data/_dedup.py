@@ -15,8 +15,8 @@ redundant samples by hashing and embedding similarity before pre-training; the t
   L2-normalised embeddings, then inside each cluster a document is dropped if its cosine
   similarity to an earlier kept document of the cluster is ``> 1 - eps``.
 
-Each returns a :class:`jaxeff.data.selection.Selection` (kept / dropped indices) for
-:func:`jaxeff.data.selection.apply_selection`.
+Each returns a :class:`jaxeff.data.Selection` (kept / dropped indices) for
+:func:`jaxeff.data.apply_selection`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.data.mixture import check_fraction
-from jaxeff.data.selection import Selection, _texts
+from jaxeff.data._mixture import check_fraction
+from jaxeff.data._selection import Selection, _texts
 
 __all__ = ["exact_duplicates", "shingle_hashes", "minhash_signatures", "lsh_params",
            "near_duplicates", "kmeans", "semantic_duplicates"]
@@ -231,7 +231,7 @@ def semantic_duplicates(embeddings, *, eps: float = 0.05, num_clusters: int = 8,
     member of the same cluster drops a document (scan in index order, so the first is kept).
 
     Args:
-      embeddings: ``[N, D]`` (e.g. :func:`jaxeff.data.selection.hashed_ngram_features`).
+      embeddings: ``[N, D]`` (e.g. :func:`jaxeff.data.hashed_ngram_features`).
       eps: in [0, 1] (default 0.05).  num_clusters: k (default 8, clipped to N).
       key: k-means key (default ``jax.random.key(0)``).  iters: k-means iterations.
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff.params.layers import gather_layers, layer_count
+from jaxeff.params._layers import gather_layers, layer_count
 from jaxeff.select import path_str, select_mask
 
 __all__ = ["keep_patterns", "init_depth_pruning", "sample_layer_mask", "argmax_layer_mask",

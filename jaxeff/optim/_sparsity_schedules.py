@@ -1,7 +1,7 @@
 """Sparsity schedules for gradual pruning during pre-training: constant, geometric, cubic
 (Zhu & Gupta, 2017) and the Journey-Matters window.
 
-Each returns ``step -> sparsity`` (a jnp scalar in [0, 1]) for :func:`jaxeff.optim.sparsity.prune`.
+Each returns ``step -> sparsity`` (a jnp scalar in [0, 1]) for :func:`jaxeff.optim.prune`.
 Paper for the window: "The Journey Matters: Average Parameter Count over Pre-training Unifies
 Sparse and Dense Scaling Laws" (Jin et al., 2025). Split out of ``sparsity.py`` to keep each
 module short; ``jaxeff.optim.sparsity`` re-exports everything here.

@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 # the schedules live in their own module; re-exported here
-from jaxeff.optim.sparsity_schedules import (constant_sparsity, cubic_sparsity,  # noqa: F401
-                                             geometric_sparsity, journey_schedule, journey_window)
+from jaxeff.optim._sparsity_schedules import (constant_sparsity, cubic_sparsity, journey_schedule,
+                                              journey_window)
 from jaxeff.select import select_mask
 
 __all__ = ["SparseState", "prune", "spdf", "densify", "apply_masks", "sparsity_stats",

@@ -64,8 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.params.layers import (_layout_of, _locate, _parts, _set, gather_layers,
-                                  stacked_layers)
+from jaxeff.params._layers import _layout_of, _locate, _parts, _set, gather_layers, stacked_layers
 from jaxeff.select import path_str, select_mask
 
 __all__ = ["widen", "insert_identity_layers", "GrowthWarning", "ROLES"]

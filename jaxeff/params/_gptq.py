@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.params.quantized import (QuantizedWeight, check_quant_args, find_params, pack,
-                                     quantize_codes)
+from jaxeff.params._quantized import (QuantizedWeight, check_quant_args, find_params, pack,
+                                      quantize_codes)
 
 __all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "gptq_solve",
            "gptq_weight", "gptq", "check_ok", "check_solver_args", "aligned_block_size",
@@ -144,7 +144,7 @@ def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
     """The GPTQ solve for one matrix ``w [IN, OUT]`` with input Hessian ``h [IN, IN]`` (jit-able).
 
     Algorithm in the module docstring. ``group_size`` must already be valid for ``IN``
-    (:func:`jaxeff.params.quantized.check_quant_args`); a ragged last group is handled as zero
+    (:func:`jaxeff.params.check_quant_args`); a ragged last group is handled as zero
     rows with a decoupled unit Hessian. Computes in float32 (float64 when ``w`` is float64).
     Returns a :class:`GPTQResult`; never raises on singular Hessians (see ``ok``).
     """

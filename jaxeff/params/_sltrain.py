@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.params.structured import (MatrixLayout, StructuredWeight, map_matrices,
-                                      materialize, specs_from, uniform)
+from jaxeff.params._structured import (MatrixLayout, StructuredWeight, map_matrices, materialize,
+                                       specs_from, uniform)
 
 __all__ = ["SLTrainWeight", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS"]
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.params.layers import _is_array, gather_layers, layer_count, stacked_layers
+from jaxeff.params._layers import _is_array, gather_layers, layer_count, stacked_layers
 from jaxeff.select import path_str
 
 __all__ = ["stack_depth", "gather_layers", "layer_count", "growth_tokens", "grow_train_state",

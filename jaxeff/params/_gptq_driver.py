@@ -7,7 +7,7 @@ embedded once; then for layer ``l = 0 .. L-1``
 1. run layer ``l`` on its inputs ``h_l`` (which already went through the *quantized* layers
    ``< l``), capturing the input ``x`` of every selected linear weight, and accumulate
    ``H = (2/n) sum x x^T`` in float32, streaming over the batches (activations are not kept);
-2. quantize each weight with :func:`jaxeff.params.gptq.gptq` and its ``H`` (weights that share an
+2. quantize each weight with :func:`jaxeff.params.gptq` and its ``H`` (weights that share an
    input, e.g. ``wq/wk/wv``, share one Hessian);
 3. ``h_{l+1} = layer_l^quantized(h_l)``, and drop the layer's Hessians.
 
@@ -19,7 +19,7 @@ The model is reached through a small pluggable protocol, :class:`LayerwiseModel`
 the model's code changes: ``embed(params, batch) -> h``, ``layer(layer_params, h, batch,
 capture) -> h`` (when ``capture`` is a dict the layer stores the input of each linear weight in it
 under the weight's ``/``-path inside ``layer_params``), ``n_layers``, ``get_layer``,
-``set_layers`` and ``layer_path``. :func:`stacked_layers` and :func:`list_layers` build it for the
+``set_layers`` and ``layer_path``. :func:`stacked_layerwise` and :func:`list_layers` build it for the
 two common layouts, :func:`llama_like` for ``jaxeff.models.llama`` (any module with the same
 ``embed``/``block`` signatures; the library never imports ``jaxeff.models``).
 """
@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxeff.params.gptq import (HessianState, check_ok, check_solver_args, gptq_weight,
-                                hessian_update, quant_error)
-from jaxeff.params.quantized import QuantizedWeight, check_quant_args, stack_quantized
-from jaxeff.params.structured import is_structured
+from jaxeff.params._gptq import (HessianState, check_ok, check_solver_args, gptq_weight,
+                                 hessian_update, quant_error)
+from jaxeff.params._quantized import QuantizedWeight, check_quant_args, stack_quantized
+from jaxeff.params._structured import is_structured
 from jaxeff.select import Selector, path_str, select_mask
 
-__all__ = ["LayerwiseModel", "stacked_layers", "list_layers", "llama_like", "gptq_model",
+__all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "gptq_model",
            "calibration_batches", "default_token_mask"]
 
 
@@ -121,7 +121,7 @@ def _stack_all(layers):
     return jax.tree.map(_stack_leaves, *layers, is_leaf=is_structured)
 
 
-def stacked_layers(embed: Callable, layer: Callable, key: str = "layers") -> LayerwiseModel:
+def stacked_layerwise(embed: Callable, layer: Callable, key: str = "layers") -> LayerwiseModel:
     """Adapter for params whose layers are stacked on axis 0 under ``params[key]`` (scan layout).
 
     Quantized leaves come back stacked: a ``QuantizedWeight`` of shape ``[L, IN, OUT]``.
@@ -172,7 +172,7 @@ def llama_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
             pos = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
         return module.block(lp, h, cfg, seg, pos, capture=capture)
 
-    return stacked_layers(embed, layer, key)
+    return stacked_layerwise(embed, layer, key)
 
 
 def _get(tree, path):
@@ -287,7 +287,7 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
         :func:`calibration_batches` draws them from ``jaxeff.data``); it is read once and kept
         (token ids only; activations are recomputed per layer).
       bits, group_size, block_size (128), percdamp (0.01), act_order (False), sym (False),
-        pad (False), scale_dtype (float32): as :func:`jaxeff.params.gptq.gptq`.
+        pad (False), scale_dtype (float32): as :func:`jaxeff.params.gptq`.
       select: ``jaxeff.select`` selector over the full-tree paths (``layer_path(i)/name``, e.g.
         ``layers/wq``); default None = every weight whose input the layer captures.
       true_sequential: re-capture inputs after each group of weights sharing an input (False).

@@ -22,7 +22,7 @@ import math
 import jax
 import numpy as np
 
-from jaxeff.params.structured import is_structured, trainable_mask
+from jaxeff.params._structured import is_structured, trainable_mask
 
 __all__ = ["ParamReport", "param_report", "tree_bytes", "tree_size"]
 

@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
-from jaxeff.data.corpus import Document
-from jaxeff.data.tokenizer import validate_tokenizer
+from jaxeff.data._corpus import Document
+from jaxeff.data._tokenizer import validate_tokenizer
 
 __all__ = ["EncodeDocument", "make_lm_dataset", "make_eval_batches", "pack_lm",
            "fill_rate", "PACKINGS", "LONG_DOCS", "BATCH_KEYS"]

@@ -32,10 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim import compress
-from jaxeff.optim.projection import (Randomized, align_signs, randomized_projector,
-                                     random_orthonormal, reproject_moment, resolve_refresh,
-                                     svd_projector)
+from jaxeff.optim import _compress as compress
+from jaxeff.optim._projection import (Randomized, align_signs, randomized_projector,
+                                      random_orthonormal, reproject_moment, resolve_refresh,
+                                      svd_projector)
 from jaxeff.select import path_str, select_mask, select_values
 
 __all__ = ["GaLoreState", "MatrixDims", "PROJ_TYPES", "MOMENT_POLICIES", "scale_by_galore",
@@ -214,7 +214,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         GaLore's AdamW). Its ``params`` are ``jax.ShapeDtypeStruct``s of the projected tree: shapes
         serve (``scale_by_factored_rms``), values do not exist (put weight decay in
         :func:`galore`, which applies it in the full space). It may be
-        ``jaxeff.optim.compress.compress_state(...)`` for 8-bit GaLore. Extra args pass through.
+        ``jaxeff.optim.compress_state(...)`` for 8-bit GaLore. Extra args pass through.
       rank: per-leaf rank (selector values: one value, ``[(regex, value)]`` rules, a callable
         ``(path, leaf) -> value | None`` or a pytree). An int, or a float in (0, 1] for that fraction
         of ``min(m, n)``. Default 128. A leaf whose value is None is not projected.
