@@ -13,8 +13,8 @@ averaging and elastic sub-networks.
   ``prune_depth``, ``pruning_optimizer``, ``sample_layer_mask``, ``temperature_schedule``.
 * elastic sub-networks (Matryoshka / Starbucks): ``elastic_loss``, ``ElasticSize``,
   ``extract_subnetwork``, ``resolve_size``, ``spec_units``.
-* GPTQ (Frantar et al. 2023): ``aligned_block_size``, ``check_ok``, ``check_solver_args``,
-  ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
+* GPTQ (Frantar et al. 2023): ``aligned_block_size``, ``check_hessian``, ``check_ok``,
+  ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
   ``HessianState``, ``quant_error``.
 * GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
   ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``.
@@ -53,9 +53,9 @@ from jaxeff.params._depth_prune import (argmax_layer_mask, gated_scan, init_dept
                                         temperature_schedule)
 from jaxeff.params._elastic import (elastic_loss, ElasticSize, extract_subnetwork, resolve_size,
                                     spec_units)
-from jaxeff.params._gptq import (aligned_block_size, check_ok, check_solver_args, gptq, gptq_solve,
-                                 gptq_weight, GPTQResult, hessian_init, hessian_update,
-                                 HessianState, quant_error)
+from jaxeff.params._gptq import (aligned_block_size, check_hessian, check_ok, check_solver_args,
+                                 gptq, gptq_solve, gptq_weight, GPTQResult, hessian_init,
+                                 hessian_update, HessianState, quant_error)
 from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
                                         LayerwiseModel, list_layers, llama_like, stacked_layerwise)
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
@@ -86,8 +86,8 @@ __all__ = [
     "init_depth_pruning", "init_lora", "keep_patterns", "kept_layers", "merge_lora",
     "prune_depth", "pruning_optimizer", "sample_layer_mask", "temperature_schedule",
     "elastic_loss", "ElasticSize", "extract_subnetwork", "resolve_size", "spec_units",
-    "aligned_block_size", "check_ok", "check_solver_args", "gptq", "gptq_solve", "gptq_weight",
-    "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
+    "aligned_block_size", "check_hessian", "check_ok", "check_solver_args", "gptq", "gptq_solve",
+    "gptq_weight", "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
     "calibration_batches", "default_token_mask", "gptq_model", "LayerwiseModel", "list_layers",
     "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
     "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "LoRA",

@@ -6,7 +6,10 @@ calibration inputs ``X [n, IN]`` GPTQ minimises ``||X W - X Q||^2`` row by row o
 by column of the paper's ``[OUT, IN]`` weight), feeding each row's rounding error forward through
 the inverse Hessian ``H = (2/n) X^T X``:
 
-1. dead inputs (``H_dd = 0``): ``H_dd = 1`` and ``W[d, :] = 0``;
+1. dead inputs (``H_dd = 0``, an input channel that was always zero): ``H_dd = 1`` and
+   ``W[d, :] = 0`` (as the reference). An all-zero Hessian (a layer that saw no calibration
+   token) is no evidence at all: it is replaced by ``H = I``, which makes the solve exactly RTN
+   of the original weight (:func:`gptq` warns, naming the layer);
 2. act-order (optional): permute rows by ``diag(H)`` descending;
 3. damping: ``H += percdamp * mean(diag(H)) * I``;
 4. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``);
@@ -27,6 +30,14 @@ depends on the block size. Here the block size is shrunk to align with the group
 of ``group_size`` not above ``block_size``, or the largest multiple of ``group_size`` not above it),
 so group parameters always see the fully updated rows and the result is block-size independent.
 
+Singularity test (deviation: the reference only relies on ``torch.linalg.cholesky`` raising):
+the factor is rejected when it is not finite or when a pivot of the damped Hessian is lost in
+rounding, ``piv_i <= n * eps * Hd_ii`` with ``Hd`` the damped diagonal actually factorised
+(``piv_i = Hd_ii - sum_k L_ik^2`` is computed with an error of at most ``~n eps Hd_ii``). A test
+against ``n eps max(diag)`` (used before) is unsound: a dead channel (``Hd_ii = 1 + damp``)
+beside an outlier channel (``max/mean diag`` ~ 1e3 in real LLMs) fails it on well-conditioned
+Hessians.
+
 Hessians are accumulated streaming in float32 with :func:`hessian_update` (a running mean over
 tokens, so the activations are never kept): ``H_n = (c/(c+m)) H_c + (2/(c+m)) sum_t x_t x_t^T``.
 """
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import jax
@@ -45,7 +57,7 @@ from jaxeff.params._quantized import (QuantizedWeight, check_quant_args, find_pa
                                       quantize_codes)
 
 __all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "gptq_solve",
-           "gptq_weight", "gptq", "check_ok", "check_solver_args", "aligned_block_size",
+           "gptq_weight", "gptq", "check_ok", "check_hessian", "check_solver_args", "aligned_block_size",
            "quant_error"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -128,11 +140,13 @@ def _inverse_hessian_factor(h, percdamp):
     n = h.shape[0]
     eye = jnp.eye(n, dtype=h.dtype)
     h = h + percdamp * jnp.mean(jnp.diagonal(h)) * eye
-    low = jnp.linalg.cholesky(h[::-1, ::-1])
+    hr = h[::-1, ::-1]
+    low = jnp.linalg.cholesky(hr)
     u = jax.scipy.linalg.solve_triangular(low, eye, lower=True)[::-1, ::-1]
     piv = jnp.diagonal(low) ** 2
-    tol = n * jnp.finfo(h.dtype).eps * jnp.max(jnp.diagonal(h))
-    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(low)) & (jnp.min(piv) > tol)
+    # Each pivot against its own damped diagonal (module docstring: singularity test).
+    tol = n * jnp.finfo(h.dtype).eps * jnp.diagonal(hr)
+    ok = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(low)) & jnp.all(piv > tol)
     return u, ok
 
 
@@ -143,7 +157,8 @@ def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
                act_order: bool = False, sym: bool = False, scale_dtype=jnp.float32) -> GPTQResult:
     """The GPTQ solve for one matrix ``w [IN, OUT]`` with input Hessian ``h [IN, IN]`` (jit-able).
 
-    Algorithm in the module docstring. ``group_size`` must already be valid for ``IN``
+    Algorithm in the module docstring (an all-zero ``h`` gives RTN of ``w``). ``group_size``
+    must already be valid for ``IN``
     (:func:`jaxeff.params.check_quant_args`); a ragged last group is handled as zero
     rows with a decoupled unit Hessian. Computes in float32 (float64 when ``w`` is float64).
     Returns a :class:`GPTQResult`; never raises on singular Hessians (see ``ok``).
@@ -155,8 +170,9 @@ def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
     maxq = 2 ** bits - 1
 
     diag = jnp.diagonal(h)
-    dead = diag == 0
-    h = h + jnp.diag(dead.astype(ct))
+    empty = jnp.all(diag == 0)          # no calibration token: H = I, i.e. RTN of w
+    dead = (diag == 0) & ~empty
+    h = jnp.where(empty, jnp.eye(n_in, dtype=ct), h + jnp.diag(dead.astype(ct)))
     w = jnp.where(dead[:, None], 0.0, w)
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True).astype(jnp.int32)
@@ -292,7 +308,7 @@ def gptq_weight(w, h, percdamp=0.01, *, bits, group_size, stored_group_size, blo
 
 def gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *, block_size: int = 128,
          percdamp: float = 0.01, act_order: bool = False, sym: bool = False, pad: bool = False,
-         scale_dtype=jnp.float32) -> QuantizedWeight:
+         scale_dtype=jnp.float32, name: Optional[str] = None) -> QuantizedWeight:
     """GPTQ-quantize a (possibly stacked) matrix ``w [..., IN, OUT]`` into a ``QuantizedWeight``.
 
     Solve in the module docstring (Frantar et al., 2023), mapped over leading axes.
@@ -301,11 +317,16 @@ def gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *, block_
     (default 128, lazy-batch width; the result does not depend on it); ``percdamp`` (default
     0.01 of the mean Hessian diagonal); ``act_order`` (default False); ``sym`` (default False);
     ``pad`` (default False: allow a group size that does not divide IN, ragged last group);
-    ``scale_dtype`` (default float32).
+    ``scale_dtype`` (default float32); ``name`` (default None: the layer's name, used in warnings
+    and errors).
 
-    Raises ``ValueError`` for bad arguments or shapes, and -- when called outside a trace -- when
-    the damped Hessian is numerically singular (increase ``percdamp``). Under ``jit`` the check
-    is skipped; use :func:`gptq_weight`'s ``ok``.
+    A Hessian that is all zero (the layer saw no calibration token) falls back to RTN of the
+    original ``w`` with a ``UserWarning`` naming the layer (:func:`check_hessian`).
+
+    Raises ``ValueError`` for bad arguments or shapes, and -- when called outside a trace -- for
+    a Hessian or weight holding NaN/inf (bad calibration inputs) and when the damped Hessian is
+    numerically singular (module docstring; increase ``percdamp``). Under ``jit`` these checks
+    are skipped; use :func:`gptq_weight`'s ``ok``.
     """
     if isinstance(h, HessianState):
         h = h.h
@@ -319,12 +340,56 @@ def gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *, block_
                          f"{w.shape}; got {h.shape}")
     gs = check_quant_args(bits, group_size, n_in, pad)
     check_solver_args(block_size, percdamp)
+    check_hessian(h, name)
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"w{_where(name)} holds NaN/inf values; GPTQ needs a finite weight")
     qw, ok = gptq_weight(w, h, percdamp, bits=int(bits), group_size=group_size,
                          stored_group_size=gs, block_size=int(block_size),
                          act_order=bool(act_order), sym=bool(sym),
                          scale_dtype=jnp.dtype(scale_dtype))
-    check_ok(ok, percdamp)
+    check_ok(ok, percdamp, name)
     return qw
+
+
+def _where(name) -> str:
+    return "" if name is None else f" of {name}"
+
+
+def _batch_text(bad) -> str:
+    return f" (batch entries {bad})" if bad else ""
+
+
+def check_hessian(h, name: Optional[str] = None) -> None:
+    """Host-side checks of a concrete Hessian ``h [..., IN, IN]`` before a GPTQ solve.
+
+    Raises ``ValueError`` when ``h`` holds NaN/inf (the calibration activations were not
+    finite: damping cannot fix that); warns (``UserWarning``, naming ``name``) for each all-zero
+    Hessian, which the solve treats as ``H = I`` (RTN of the weight). A traced ``h`` passes.
+    """
+    if isinstance(h, HessianState):
+        h = h.h
+    if isinstance(h, jax.core.Tracer):
+        return
+    h = np.asarray(h)
+    flat = h.reshape(-1, *h.shape[-2:])
+    finite = np.isfinite(flat).all(axis=(-2, -1))
+    batch = h.shape[:-2]
+    if not finite.all():
+        bad = [[int(j) for j in np.unravel_index(i, batch)] for i in np.flatnonzero(~finite)] \
+            if batch else []
+        raise ValueError(
+            f"the Hessian h{_where(name)} holds NaN/inf values{_batch_text(bad)}: the "
+            f"calibration inputs (activations) were not finite; fix the model or the "
+            f"calibration data (a larger percdamp cannot help)")
+    empty = ~flat.any(axis=(-2, -1))
+    if empty.any():
+        bad = [[int(j) for j in np.unravel_index(i, batch)] for i in np.flatnonzero(empty)] \
+            if batch else []
+        warnings.warn(
+            f"the Hessian h{_where(name)} is all zero{_batch_text(bad)}: the layer saw no "
+            f"calibration token, so GPTQ falls back to round-to-nearest (RTN) of the original "
+            f"weight there; calibrate on data that reaches this layer", UserWarning,
+            stacklevel=3)
 
 
 def check_solver_args(block_size, percdamp) -> None:
@@ -339,17 +404,19 @@ def check_solver_args(block_size, percdamp) -> None:
         raise ValueError(f"percdamp must be a finite float >= 0; got {percdamp!r}")
 
 
-def check_ok(ok, percdamp) -> None:
-    """Raise ``ValueError`` when a concrete ``ok`` flag from :func:`gptq_weight` is False."""
+def check_ok(ok, percdamp, name: Optional[str] = None) -> None:
+    """Raise ``ValueError`` when a concrete ``ok`` flag from :func:`gptq_weight` is False
+    (``name``: the layer, for the message)."""
     if isinstance(ok, jax.core.Tracer):
         return
     ok = np.asarray(ok)
     if not ok.all():
         bad = np.argwhere(~ok).tolist() if ok.ndim else []
         raise ValueError(
-            f"the Hessian h is numerically singular after damping percdamp={percdamp}"
-            f"{f' (batch entries {bad})' if bad else ''}; increase percdamp (the paper uses "
-            f"0.01) or calibrate on more tokens")
+            f"the Hessian h{_where(name)} is numerically singular after damping "
+            f"percdamp={percdamp}{_batch_text(bad)} (a Cholesky pivot is lost in rounding "
+            f"relative to its own damped diagonal); increase percdamp (the paper uses 0.01) or "
+            f"calibrate on more tokens")
 
 
 def quant_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxeff.params._gptq import (HessianState, check_ok, check_solver_args, gptq_weight,
-                                 hessian_update, quant_error)
+from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_solver_args,
+                                 gptq_weight, hessian_update, quant_error)
 from jaxeff.params._quantized import QuantizedWeight, check_quant_args, stack_quantized
 from jaxeff.params._structured import is_structured
 from jaxeff.select import Selector, path_str, select_mask
@@ -359,8 +359,10 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
             for k in keys:
                 members = [n for n in group if rep[n] == k]
                 ws = tuple(_get(cur, n) for n in members)
+                where = f"layer {i} ({', '.join(members)})"
+                check_hessian(states[k].h, where)
                 parts, w_hats, errs, ok = solve(ws, states[k].h, percdamp)
-                check_ok(ok, percdamp)
+                check_ok(ok, percdamp, where)
                 for n, q, w_hat, e in zip(members, parts, w_hats, errs):
                     if return_stats:
                         errors.append((i, n, float(e)))

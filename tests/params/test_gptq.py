@@ -215,3 +215,85 @@ def test_hessian_streaming_mask_sharding_and_checkpoint(tmp_path):
                                   np.asarray(gptq(w, h, 4).materialize()))
     with pytest.raises(ValueError, match="width"):
         hessian_update(hessian_init(IN), jnp.ones((3, IN + 1)))
+
+
+def _dead_beside_outlier(n, tokens, seed=0):
+    """A real-LLM-like Hessian: lognormal channel scales, a shared component, one silent input
+    channel (diag 0) and one outlier channel with max/mean(diag H) = 1364 (issue 17, SmolLM2's
+    down projection, IN = 1536)."""
+    rng = np.random.default_rng(seed)
+    scale = 2.0 * np.exp(rng.normal(0, 0.5, n))
+    x = (rng.standard_normal((tokens, n)) + 0.3 * rng.standard_normal((tokens, 1))) * scale
+    x[:, 5] = 0.0                                             # silent channel
+    ms = np.mean(x ** 2, axis=0)
+    rest = ms.sum() - ms[100]                                 # d100 / mean(d) = 1364
+    x[:, 100] *= np.sqrt(1364 * rest / (n - 1364) / ms[100])
+    return (2.0 / tokens) * x.T @ x
+
+
+def test_dead_channel_beside_outlier_is_not_called_singular():
+    n = 1536
+    h = _dead_beside_outlier(n, 2048)
+    d = np.diag(h)
+    assert d[5] == 0 and abs(d.max() / d.mean() - 1364) < 1
+    hd = h.astype(np.float32)
+    hd[5, 5] = 1
+    hd += 0.01 * np.mean(np.diag(hd)) * np.eye(n, dtype=np.float32)    # what is factorised
+    ev = np.linalg.eigvalsh(hd.astype(np.float64))
+    assert ev[-1] / ev[0] < 2e5                               # condition number as in issue 17
+    # The old test min(pivot) > n eps max(diag) rejects it (the dead pivot is 1 + damp):
+    piv = np.diag(np.linalg.cholesky(hd[::-1, ::-1])) ** 2
+    assert piv.min() <= n * np.finfo(np.float32).eps * np.diag(hd).max()
+    w = np.random.default_rng(1).standard_normal((n, 8)).astype(np.float32)
+    g = gptq(w, h, 4, 128)                                    # percdamp=0.01: no error
+    w_hat = np.asarray(g.materialize())
+    assert np.all(np.isfinite(w_hat))
+    np.testing.assert_array_equal(w_hat[5], 0.0)              # dead input: W row zeroed
+    r = rtn_weight(w, 4, 128)
+    assert float(quant_error(w, w_hat, h)) < float(quant_error(w, r.materialize(), h))
+
+
+def test_all_zero_hessian_falls_back_to_rtn_with_a_warning():
+    w, _, h = _data(3)
+    r = rtn_weight(w, 4, 8)
+    with pytest.warns(UserWarning, match=r"layers/3/wq is all zero.*round-to-nearest"):
+        g = gptq(w, np.zeros((IN, IN), np.float32), 4, 8, name="layers/3/wq")
+    np.testing.assert_array_equal(np.asarray(g.codes), np.asarray(r.codes))
+    np.testing.assert_array_equal(np.asarray(g.materialize()), np.asarray(r.materialize()))
+    assert np.abs(np.asarray(g.materialize())).sum() > 0         # not the all-zero weight
+    # Stacked: only the empty entry falls back; the warning names it.
+    ws, hs = np.stack([w, w]), np.stack([h, np.zeros_like(h)])
+    with pytest.warns(UserWarning, match=r"batch entries \[\[1\]\]"):
+        st = gptq(ws, hs, 4, 8)
+    np.testing.assert_array_equal(np.asarray(st.materialize()[1]), np.asarray(r.materialize()))
+    np.testing.assert_array_equal(np.asarray(st.materialize()[0]),
+                                  np.asarray(gptq(w, h, 4, 8).materialize()))
+    # A HessianState that saw no token (count 0) is the same case.
+    with pytest.warns(UserWarning, match="all zero"):
+        gptq(w, hessian_init(IN), 4, 8)
+
+
+def test_nonfinite_hessian_or_weight_names_the_cause_not_percdamp():
+    w, _, h = _data(4)
+    for bad in (np.nan, np.inf):
+        hb = h.copy()
+        hb[3, 7] = hb[7, 3] = bad
+        with pytest.raises(ValueError, match=r"h of blk.2 holds NaN/inf.*calibration inputs"):
+            gptq(w, hb, 4, name="blk.2")
+    with pytest.raises(ValueError, match=r"batch entries \[\[0\]\]"):
+        gptq(np.stack([w, w]), np.stack([hb, h]), 4)
+    wb = w.copy()
+    wb[0, 0] = np.nan
+    with pytest.raises(ValueError, match="w holds NaN/inf"):
+        gptq(wb, h, 4)
+
+
+def test_group_size_not_dividing_in_dim_says_pad():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1024, 576)).astype(np.float32)
+    h = 2 * x.T @ x / len(x)
+    w = rng.standard_normal((576, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide .* 576.*pad=True"):
+        gptq(w, h, 4, 128)
+    g = gptq(w, h, 4, 128, pad=True)                          # 4 full groups + one of 64
+    assert g.scale.shape == (5, 4) and g.materialize().shape == (576, 4)
