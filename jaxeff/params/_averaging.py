@@ -1,7 +1,11 @@
 """Weight averaging: uniform and greedy model soups, parameter EMA, and LAE accumulation.
 
 All functions take and return ordinary params pytrees (any structure: dicts, lists, flax NNX
-state); averages are computed in float32 and cast back to each leaf's dtype.
+state); averages are computed in float32 and cast back to each leaf's dtype. Only
+floating-point leaves are averaged: an integer or bool leaf (a step counter, packed codes) must
+be equal in every input and is passed through; one that differs raises ``TypeError`` naming its
+path (an integer mean would be truncated: the mean of ``[1, 2]`` and ``[2, 3]`` is not
+``[1, 2]``).
 
 **Model soups** ("Model soups: averaging weights of multiple fine-tuned models improves accuracy
 without increasing inference time", Wortsman et al., 2022; used for instruction tuning in
@@ -78,6 +82,29 @@ def _checkpoints(checkpoints, argname: str = "checkpoints") -> list:
     return cks
 
 
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+
+
+def _check_non_float_equal(argname, trees, names=None) -> None:
+    """Raise ``TypeError`` for a non-float leaf that is not identical in all ``trees``."""
+    ref = jax.tree_util.tree_flatten_with_path(trees[0])[0]
+    others = [jax.tree.leaves(t) for t in trees[1:]]
+    for k, (p, a) in enumerate(ref):
+        if _is_float(a):
+            continue
+        for i, leaves in enumerate(others, start=1):
+            b = leaves[k]
+            if _is_float(b) or not np.array_equal(np.asarray(a), np.asarray(b)):
+                who = names[i] if names else f"{argname}[{i}]"
+                first = names[0] if names else f"{argname}[0]"
+                raise TypeError(
+                    f"leaf {path_str(p)} has non-float dtype {jnp.asarray(a).dtype} and differs "
+                    f"between {first} and {who} ({jnp.asarray(b).dtype}): only floating-point "
+                    f"leaves can be averaged (an integer mean would be truncated); cast it to "
+                    f"float first or make it equal in all inputs")
+
+
 def _same_trees(a_name, a, b_name, b):
     if jax.tree.structure(a) != jax.tree.structure(b):
         raise ValueError(f"{a_name} and {b_name} have different tree structures: "
@@ -104,9 +131,11 @@ def uniform_soup(checkpoints: Sequence[Any], weights: Optional[Sequence[float]] 
 
     Raises:
       ValueError / TypeError: empty list, mismatched structures or shapes (naming the index and
-      leaf), weights of the wrong length, negative, non-finite or summing to 0.
+      leaf), weights of the wrong length, negative, non-finite or summing to 0; ``TypeError``
+      for a non-float leaf that differs between checkpoints (equal ones pass through).
     """
     cks = _checkpoints(checkpoints)
+    _check_non_float_equal("checkpoints", cks)
     if weights is None:
         w = [1.0] * len(cks)
     else:
@@ -119,14 +148,40 @@ def uniform_soup(checkpoints: Sequence[Any], weights: Optional[Sequence[float]] 
 
 
 def _soup(cks, w):
-    f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)  # noqa: E731
+    def f32(x):
+        return jnp.asarray(x, jnp.float32) if _is_float(x) else x
+
+    def step(frac):
+        return lambda a, x: a + frac * (jnp.asarray(x, jnp.float32) - a) if _is_float(x) else a
+
     kept = [(c, wi) for c, wi in zip(cks, w) if wi > 0]
-    acc, total = f32(kept[0][0]), kept[0][1]
+    acc, total = jax.tree.map(f32, kept[0][0]), kept[0][1]
     for c, wi in kept[1:]:
         total += wi
-        frac = wi / total
-        acc = jax.tree.map(lambda a, x: a + frac * (jnp.asarray(x, jnp.float32) - a), acc, c)
-    return jax.tree.map(lambda a, ref: a.astype(jnp.asarray(ref).dtype), acc, cks[0])
+        acc = jax.tree.map(step(wi / total), acc, c)
+    return jax.tree.map(lambda a, ref: jnp.asarray(a).astype(jnp.asarray(ref).dtype), acc,
+                        cks[0])
+
+
+def _score(value, what: str) -> float:
+    """A metric value as a finite Python float, or a clear error naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, numbers.Real) or (hasattr(value, "shape") and
+                                                hasattr(value, "dtype"))):
+        raise TypeError(f"metric_fn must return a real scalar; got {type(value).__name__} "
+                        f"for {what}")
+    if np.ndim(value) != 0:
+        raise TypeError(f"metric_fn must return a scalar (e.g. the mean over the held-out set); "
+                        f"got an array of shape {np.shape(value)} for {what}")
+    if not np.issubdtype(np.asarray(value).dtype, np.number) or \
+            np.issubdtype(np.asarray(value).dtype, np.complexfloating):
+        raise TypeError(f"metric_fn must return a real scalar; got dtype "
+                        f"{np.asarray(value).dtype} for {what}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"metric_fn returned {v} for {what}: a non-finite held-out score "
+                         f"cannot be ranked (check that checkpoint or the metric)")
+    return v
 
 
 class GreedySoup(NamedTuple):
@@ -147,8 +202,8 @@ def greedy_soup(checkpoints: Sequence[Any], metric_fn: Callable[[Any], float], *
     2. ``soup = [best]``; for each next ``i``: keep it if
        ``metric_fn(uniform_soup(soup + [i]))`` is at least as good as the current soup's score.
 
-    A NaN score is never an improvement. ``metric_fn`` must be computed on held-out data (the
-    paper's validation split), never on the test set.
+    ``metric_fn`` must be computed on held-out data (the paper's validation split), never on the
+    test set, and return a finite real scalar.
 
     Paper: "Model soups" (Wortsman et al., 2022), Recipe 1; "POINTS" (Liu et al., 2024).
 
@@ -161,7 +216,9 @@ def greedy_soup(checkpoints: Sequence[Any], metric_fn: Callable[[Any], float], *
         the given order (the first checkpoint starts the soup).
 
     Raises:
-      ValueError / TypeError: as :func:`uniform_soup`; TypeError for a non-callable metric_fn.
+      ValueError / TypeError: as :func:`uniform_soup`; TypeError for a non-callable metric_fn
+      or one returning a non-scalar (an array of per-example scores) or a non-number;
+      ValueError when it returns NaN/inf for an ingredient or a candidate soup (naming which).
     """
     cks = _checkpoints(checkpoints)
     if not callable(metric_fn):
@@ -169,10 +226,11 @@ def greedy_soup(checkpoints: Sequence[Any], metric_fn: Callable[[Any], float], *
                         f"{type(metric_fn).__name__}")
     sign = 1.0 if higher_is_better else -1.0
 
-    def key(score):  # larger is better; NaN worst
-        return -math.inf if math.isnan(score) else sign * score
+    def key(score):  # larger is better
+        return sign * score
 
-    scores = [float(metric_fn(c)) for c in cks]
+    _check_non_float_equal("checkpoints", cks)
+    scores = [_score(metric_fn(c), f"checkpoints[{i}]") for i, c in enumerate(cks)]
     order = sorted(range(len(cks)), key=lambda i: -key(scores[i])) if sort else list(
         range(len(cks)))
     chosen = [order[0]]
@@ -180,8 +238,8 @@ def greedy_soup(checkpoints: Sequence[Any], metric_fn: Callable[[Any], float], *
     soup = cks[order[0]]
     for i in order[1:]:
         cand = uniform_soup([cks[j] for j in chosen + [i]])
-        s = float(metric_fn(cand))
-        if not math.isnan(s) and key(s) >= key(best):
+        s = _score(metric_fn(cand), f"the soup of checkpoints {chosen + [i]}")
+        if key(s) >= key(best):
             chosen.append(i)
             best, soup = s, cand
     return GreedySoup(params=soup, indices=chosen, scores=scores, score=best)
@@ -201,13 +259,17 @@ def ema_update(avg, params, decay):
       decay: in [0, 1) (a float, or a traced scalar, unchecked).
 
     Raises:
-      ValueError / TypeError: decay outside [0, 1), mismatched trees.
+      ValueError / TypeError: decay outside [0, 1), mismatched trees; ``TypeError`` for a
+      non-float leaf that differs between ``avg`` and ``params`` (equal ones pass through).
     """
     check_decay(decay)
     _same_trees("avg", avg, "params", params)
+    _check_non_float_equal("avg", [avg, params], names=["avg", "params"])
     d = jnp.asarray(decay, jnp.float32)
 
     def one(a, p):
+        if not _is_float(a):
+            return a
         p32 = jnp.asarray(p, jnp.float32)
         return (p32 + d * (jnp.asarray(a, jnp.float32) - p32)).astype(jnp.asarray(a).dtype)
 

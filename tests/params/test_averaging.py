@@ -113,3 +113,44 @@ def test_lae_accumulate_and_ensemble():
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_int_leaves_are_never_averaged_silently():
+    a = {"w": jnp.array([1.0, 2.0]), "step": jnp.array([1, 2])}
+    b = {"w": jnp.array([3.0, 4.0]), "step": jnp.array([2, 3])}
+    with pytest.raises(TypeError, match=r"leaf step has non-float dtype int32.*checkpoints\[1\]"):
+        uniform_soup([a, b])
+    with pytest.raises(TypeError, match="non-float"):
+        uniform_soup([{"m": jnp.array([True])}, {"m": jnp.array([False])}])
+    with pytest.raises(TypeError, match=r"between avg and params"):
+        ema_update(a, b, 0.5)
+    with pytest.raises(TypeError, match="non-float"):
+        greedy_soup([a, b], lambda p: 0.0)
+    # Equal integer leaves (a counter, packed codes) pass through; float leaves are averaged.
+    c = dict(b, step=a["step"])
+    out = uniform_soup([a, c])
+    np.testing.assert_array_equal(out["step"], [1, 2])
+    assert out["step"].dtype == jnp.int32
+    np.testing.assert_allclose(out["w"], [2.0, 3.0])
+    e = ema_update(a, c, 0.5)
+    np.testing.assert_array_equal(e["step"], [1, 2])
+    np.testing.assert_allclose(e["w"], [2.0, 3.0])
+
+
+def test_greedy_soup_rejects_nan_and_array_metrics():
+    a, b = {"x": jnp.array([1.0])}, {"x": jnp.array([2.0])}
+    with pytest.raises(ValueError, match=r"returned nan for checkpoints\[0\]"):
+        greedy_soup([a, b], lambda p: float("nan"))
+    with pytest.raises(ValueError, match=r"returned inf for checkpoints\[1\]"):
+        greedy_soup([a, b], lambda p: float("inf") if p is b else 1.0)
+    # A finite ingredient whose soup is NaN: named too, not skipped silently.
+    with pytest.raises(ValueError, match=r"the soup of checkpoints \[1, 0\]"):
+        greedy_soup([a, b], lambda p: jnp.where(p["x"][0] == 1.5, jnp.nan, p["x"][0]))
+    with pytest.raises(TypeError, match=r"scalar.*shape \(3,\).*checkpoints\[0\]"):
+        greedy_soup([a, b], lambda p: jnp.ones(3))
+    with pytest.raises(TypeError, match="real scalar; got str"):
+        greedy_soup([a, b], lambda p: "0.5")
+    with pytest.raises(TypeError, match="real scalar; got bool"):
+        greedy_soup([a, b], lambda p: True)
+    res = greedy_soup([a, b], lambda p: jnp.asarray(p["x"][0]))    # a 0-d array is fine
+    assert res.indices[0] == 1
