@@ -90,9 +90,7 @@ class SpeedrunContext:
 
     def __post_init__(self):
         self.tokenizer = jdata.ByteTokenizer()
-        if self.cfg.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model vocab_size={self.cfg.vocab_size} is smaller than the "
-                             f"tokenizer's {self.tokenizer.vocab_size}")
+        jdata.validate_tokenizer(self.tokenizer, self.cfg.vocab_size)
         self.train_corpus = jdata.load_stdlib_corpus("train")
         self.val_corpus = jdata.load_stdlib_corpus("validation")
         self.unique_tokens = epochs.unique_target_tokens(self.train_corpus, self.tokenizer)

@@ -29,7 +29,7 @@ WRONG = ("tkinter.ttk", "email.message")
 
 def _meco_data(ctx, seed=None):
     return make_meco_dataset(ctx.train_corpus, ctx.tokenizer, ctx.seq_len, ctx.batch_size,
-                             total_steps=ctx.steps, cooldown_fraction=COOLDOWN,
+                             total_steps=ctx.steps, cooldown_fraction=COOLDOWN, field="module",
                              seed=ctx.seed if seed is None else seed)
 
 
@@ -66,7 +66,7 @@ def steering(ctx, params, max_batches: int = 8) -> dict:
            "steer_docs": len(docs)}
     for name, meta in (("true", None), ("wrong", wrong)):
         batches = conditioned_eval_batches(docs, ctx.tokenizer, ctx.seq_len, ctx.batch_size,
-                                           metadata=meta, **kw)
+                                           metadata=meta, field="module", **kw)
         out[f"steer_loss_{name}_metadata"] = train.evaluate(eval_fn, params, batches)
     plain = make_eval_batches(docs, ctx.tokenizer, ctx.seq_len, ctx.batch_size, **kw)
     out["steer_loss_plain"] = train.evaluate(eval_fn, params, plain)

@@ -6,7 +6,8 @@ Example::
     ds = data.make_lm_dataset([data.Document("hello world")], data.ByteTokenizer(), seq_len=8,
                               batch_size=2, seed=0)
 
-* documents and corpora (the Python stdlib corpus, text and JSONL loaders): ``Corpus``,
+* documents and corpora (the Python stdlib corpus, text and JSONL loaders): ``as_document``
+  (a Document from a str or a plain ``{"text": ...}`` dict), ``Corpus``,
   ``corpus_fingerprint``, ``Document``, ``load_jsonl``, ``load_stdlib_corpus``,
   ``load_text_files``, ``split_corpus``, ``SPLITS``, ``stdlib_files``.
 * exact and near-duplicate removal: ``exact_duplicates``, ``kmeans``, ``lsh_params``,
@@ -32,9 +33,11 @@ Example::
   ``logreg_scores``, ``loss_scores``, ``moment_matching_scores``, ``predictive_strength``,
   ``preselect_labels``, ``select_top``, ``Selection``, ``train_logreg``.
 * byte and BPE tokenizers: ``BPETokenizer``, ``BYTE_BOS_ID``, ``BYTE_EOS_ID``, ``BYTE_PAD_ID``,
-  ``BYTE_VOCAB_SIZE``, ``ByteTokenizer``, ``Tokenizer``.
+  ``BYTE_VOCAB_SIZE``, ``ByteTokenizer``, ``Tokenizer``, ``validate_tokenizer`` (with the
+  model's ``vocab_size``: raises when the model cannot embed every id; ByteTokenizer needs 264),
+  ``with_specials`` (the one BOS/EOS assembly).
 """
-from jaxeff.data._corpus import (Corpus, corpus_fingerprint, Document, load_jsonl,
+from jaxeff.data._corpus import (as_document, Corpus, corpus_fingerprint, Document, load_jsonl,
                                  load_stdlib_corpus, load_text_files, split_corpus, SPLITS,
                                  stdlib_files)
 from jaxeff.data._dedup import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
@@ -43,7 +46,8 @@ from jaxeff.data._epochs import (check_repetition, CountingIterator, EpochCounte
                                  RepeatedDataWarning, repetition_report, unique_target_tokens)
 from jaxeff.data._meco import (conditioned_eval_batches, DEFAULT_TEMPLATE, make_meco_dataset,
                                meco_prompt, meco_switch_step, MetadataPrefix, url_domain)
-from jaxeff.data._mixture import (check_fraction, check_weights, constant_mixture,
+from jaxeff._checks import check_fraction
+from jaxeff.data._mixture import (check_weights, constant_mixture,
                                   make_mixture_lm_dataset, mix_map_datasets, MixtureSchedule,
                                   PhaseMap, SelectIterDataset, size_weights, upsample_at_end)
 from jaxeff.data._multigrid import LR_SCALINGS, make_multigrid_dataset, MultigridSchedule, Stage
@@ -58,10 +62,11 @@ from jaxeff.data._selection import (apply_selection, cached_scores, hashed_ngram
                                     predictive_strength, preselect_labels, select_top, Selection,
                                     train_logreg)
 from jaxeff.data._tokenizer import (BPETokenizer, BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID,
-                                    BYTE_VOCAB_SIZE, ByteTokenizer, Tokenizer, validate_tokenizer)
+                                    BYTE_VOCAB_SIZE, ByteTokenizer, Tokenizer, validate_tokenizer,
+                                    with_specials)
 
 __all__ = [
-    "Corpus", "corpus_fingerprint", "Document", "load_jsonl", "load_stdlib_corpus",
+    "as_document", "Corpus", "corpus_fingerprint", "Document", "load_jsonl", "load_stdlib_corpus",
     "load_text_files", "split_corpus", "SPLITS", "stdlib_files", "exact_duplicates", "kmeans",
     "lsh_params", "minhash_signatures", "near_duplicates", "semantic_duplicates",
     "shingle_hashes", "check_repetition", "CountingIterator", "EpochCounter", "EpochReport",
@@ -79,5 +84,5 @@ __all__ = [
     "LogReg", "logreg_scores", "loss_scores", "moment_matching_scores", "predictive_strength",
     "preselect_labels", "select_top", "Selection", "train_logreg", "BPETokenizer",
     "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_PAD_ID", "BYTE_VOCAB_SIZE", "ByteTokenizer",
-    "Tokenizer", "validate_tokenizer",
+    "Tokenizer", "validate_tokenizer", "with_specials",
 ]

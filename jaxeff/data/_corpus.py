@@ -35,8 +35,7 @@ import sysconfig
 from typing import Any, Iterator, Mapping, Sequence
 
 __all__ = ["Document", "Corpus", "load_stdlib_corpus", "corpus_fingerprint", "split_corpus",
-           "load_text_files", "load_jsonl",
-           "stdlib_files", "SPLITS"]
+           "load_text_files", "load_jsonl", "as_document", "stdlib_files", "SPLITS"]
 
 SPLITS = ("train", "validation", "all")
 _EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__",
@@ -49,6 +48,31 @@ class Document:
 
     text: str
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def as_document(element, argname: str = "element", text_field: str = "text") -> Document:
+    """A :class:`Document` from a Document, a ``str`` (empty meta) or a plain dict with a
+    ``text_field`` key (the other keys become ``meta``, e.g. ``{"text": ..., "url": ...}``).
+
+    Raises:
+      TypeError: another type, or a non-str text.  ValueError: a dict without ``text_field``.
+    """
+    if isinstance(element, Document):
+        return element
+    if isinstance(element, str):
+        return Document(element, {})
+    if isinstance(element, Mapping):
+        if text_field not in element:
+            raise ValueError(f"{argname} is a dict without a {text_field!r} field (keys: "
+                             f"{sorted(element)}); documents need their text under "
+                             f"{text_field!r}")
+        text = element[text_field]
+        if not isinstance(text, str):
+            raise TypeError(f"{argname}[{text_field!r}] must be a str; got "
+                            f"{type(text).__name__}")
+        return Document(text, {k: v for k, v in element.items() if k != text_field})
+    raise TypeError(f"{argname} must be a Document, a str or a dict with a {text_field!r} "
+                    f"field; got {type(element).__name__}")
 
 
 class Corpus(Sequence[Document]):
@@ -307,6 +331,26 @@ def load_text_files(paths, *, pattern: str = "**/*.txt", encoding: str = "utf-8"
     return Corpus(docs, name)
 
 
+def _lines(fh, path):
+    """``(line number, bytes)`` of a (possibly gzip) binary file; a damaged or fake ``.gz``
+    raises ``ValueError`` naming the path and the line reached."""
+    import gzip  # pylint: disable=import-outside-toplevel
+    import zlib  # pylint: disable=import-outside-toplevel
+    lineno = 0
+    it = iter(fh)
+    while True:
+        try:
+            raw = next(it)
+        except StopIteration:
+            return
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}:{lineno + 1}: cannot decompress ({type(e).__name__}: {e}); "
+                             f"the file ends in .gz but is not (or no longer) a valid gzip "
+                             f"file") from None
+        lineno += 1
+        yield lineno, raw
+
+
 def load_jsonl(path, text_field: str = "text", meta_fields: Sequence[str] | None = None, *,
                id_field: str | None = None, name: str | None = None) -> Corpus:
     """Load a JSON-lines file (``.jsonl`` or ``.jsonl.gz``): one JSON object per document.
@@ -326,8 +370,9 @@ def load_jsonl(path, text_field: str = "text", meta_fields: Sequence[str] | None
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: invalid JSON, a record that is not an object, or a missing text / meta / id
-        field (each names the path and line); the file has no records.
+      ValueError: invalid JSON or UTF-8, a damaged or fake ``.gz``, a record that is not an
+        object, or a missing text / meta / id field (each names the path and line); the file
+        has no records.
       TypeError: the text field is not a string (names path, line and field).
     """
     import gzip  # pylint: disable=import-outside-toplevel
@@ -341,11 +386,17 @@ def load_jsonl(path, text_field: str = "text", meta_fields: Sequence[str] | None
     stem = os.path.basename(path).split(".")[0]
     opener = gzip.open if path.endswith(".gz") else open
     docs = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with opener(path, "rb") as fh:
+        for lineno, raw in _lines(fh, path):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: invalid UTF-8 at byte {e.start} of the line "
+                                 f"({raw[max(0, e.start - 8):e.start + 8]!r}); JSONL must be "
+                                 f"UTF-8 encoded") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.data._mixture import check_fraction
+from jaxeff._checks import check_fraction
 from jaxeff.data._selection import Selection, _texts
 
 __all__ = ["exact_duplicates", "shingle_hashes", "minhash_signatures", "lsh_params",

@@ -33,7 +33,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from jaxeff.data._corpus import Document
+from jaxeff.data._corpus import as_document
 from jaxeff.data._tokenizer import validate_tokenizer
 
 __all__ = ["RepeatedDataWarning", "EpochReport", "unique_target_tokens", "repetition_report",
@@ -68,7 +68,8 @@ def unique_target_tokens(corpus, tokenizer, *, add_bos: bool = True,
     """``U = sum_docs (n_doc - 1)``: target tokens in one epoch of ``corpus`` (module docstring).
 
     ``n_doc = len(tokenizer.encode(text)) + add_bos + add_eos``; elements may be
-    :class:`Document`, ``str`` or dicts with ``'tokens'`` (already encoded, taken as is).
+    :class:`Document`, ``str``, dicts with ``'text'`` or dicts with ``'tokens'`` (already
+    encoded, taken as is).
 
     Raises TypeError for another element type, ValueError for an invalid tokenizer or an empty
     corpus.
@@ -79,11 +80,8 @@ def unique_target_tokens(corpus, tokenizer, *, add_bos: bool = True,
     for i, d in enumerate(corpus):
         if isinstance(d, Mapping) and "tokens" in d:
             n = int(np.asarray(d["tokens"]).size)
-        elif isinstance(d, (Document, str)):
-            n = len(tokenizer.encode(d.text if isinstance(d, Document) else d)) + extra
         else:
-            raise TypeError(f"corpus[{i}] must be a Document, str or dict with 'tokens'; got "
-                            f"{type(d).__name__}")
+            n = len(tokenizer.encode(as_document(d, f"corpus[{i}]").text)) + extra
         total += max(n - 1, 0)
         n_docs += 1
     if n_docs == 0:

@@ -14,9 +14,15 @@ Format (reference princeton-pli/MeCo, ``--add_metadata_prefix --add_metadata_mas
                 last min(10, n) positions are unmasked)
 
 ``loss_mask[j]`` means "token j is a target" (see :mod:`jaxeff.data.pipeline`), which is the
-reference's ``labels[j] = -100`` for the masked positions. The embedded stdlib corpus uses the
-dotted module path (``meta['module']``, e.g. ``email.mime.text``) as its URL-like metadata; for
-real URLs use ``value_fn=url_domain``.
+reference's ``labels[j] = -100`` for the masked positions.
+
+Which metadata (``field``; no corpus-specific default): ``field=None`` (default) takes the
+document's ``url`` and reduces it to its domain (:func:`url_domain`), the paper's metadata; a
+document without a ``url`` then raises, asking for ``field``. Name any other meta key
+(``field='module'`` for the embedded stdlib corpus, whose dotted module path, e.g.
+``email.mime.text``, is its URL-like metadata) or pass a callable. Documents may be
+:class:`Document` s or plain dicts with a ``text`` field (``{"text": ..., "url": ...}``: the
+other keys are the meta).
 
 Cooldown switch (:func:`make_meco_dataset`): two packed pipelines -- with and without metadata --
 behind a :class:`jaxeff.data.SelectIterDataset` routed by
@@ -31,10 +37,11 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from jaxeff.data._corpus import Document
-from jaxeff.data._mixture import PhaseMap, SelectIterDataset, check_fraction
+from jaxeff.data._corpus import Document, as_document
+from jaxeff._checks import check_fraction, check_int
+from jaxeff.data._mixture import PhaseMap, SelectIterDataset
 from jaxeff.data._pipeline import make_eval_batches, make_lm_dataset
-from jaxeff.data._tokenizer import validate_tokenizer
+from jaxeff.data._tokenizer import validate_tokenizer, with_specials
 
 __all__ = ["DEFAULT_TEMPLATE", "MetadataPrefix", "url_domain", "meco_switch_step",
            "make_meco_dataset", "meco_prompt", "conditioned_eval_batches"]
@@ -55,7 +62,7 @@ def url_domain(url: str) -> str:
 
 
 class MetadataPrefix:
-    """Encode hook: ``Document -> {'tokens', 'loss_mask'}`` with the MeCo metadata prefix.
+    """Encode hook: document ``-> {'tokens', 'loss_mask'}`` with the MeCo metadata prefix.
 
     ``tokens = [bos] + tok(template.format(m)) + tok(text) + [eos]`` with ``m`` the metadata;
     ``loss_mask[:1 + len(tok(prefix))] = 0`` (if all positions would be masked, the last
@@ -64,8 +71,9 @@ class MetadataPrefix:
 
     Args:
       tokenizer: a :class:`jaxeff.data.Tokenizer`.
-      field: ``meta`` key holding the metadata (default ``'module'``) or a callable
-        ``Document -> str``.
+      field: ``meta`` key holding the metadata, a callable ``Document -> str``, or None
+        (default): the document's ``url`` reduced to its domain (:func:`url_domain`, unless
+        ``value_fn`` is given); see the module docstring.
       template: prefix format with one ``{}`` (default ``"URL: {}\\n\\n"``, the paper's).
       value_fn: optional ``str -> str`` applied to the field (e.g. :func:`url_domain`).
       override: a fixed metadata string or callable ``Document -> str`` used instead of the
@@ -75,31 +83,43 @@ class MetadataPrefix:
 
     Raises:
       ValueError: a ``template`` without exactly one ``{}``; at call time a document whose
-        ``meta`` lacks ``field`` (names the field, the document id and the keys present).
-      TypeError: an element that is not a :class:`Document`.
+        ``meta`` lacks ``field`` (or ``url`` with ``field=None``; names the field, the document
+        id and the keys present), or a dict without ``text``.
+      TypeError: an element that is not a :class:`Document`, a dict or a str.
     """
 
-    def __init__(self, tokenizer, *, field: str | Callable[[Document], str] = "module",
+    def __init__(self, tokenizer, *, field: str | Callable[[Document], str] | None = None,
                  template: str = DEFAULT_TEMPLATE, value_fn: Callable[[str], str] | None = None,
                  override: str | Callable[[Document], str] | None = None,
                  mask_metadata: bool = True, add_eos: bool = True):
         validate_tokenizer(tokenizer)
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(f"template must be a str with exactly one '{{}}'; got {template!r}")
-        if not (isinstance(field, str) or callable(field)):
-            raise TypeError(f"field must be a meta key (str) or a callable; got {field!r}")
+        if not (field is None or isinstance(field, str) or callable(field)):
+            raise TypeError(f"field must be None (the document's url), a meta key (str) or a "
+                            f"callable; got {field!r}")
         if override is not None and not (isinstance(override, str) or callable(override)):
             raise TypeError(f"override must be None, a str or a callable; got {override!r}")
         self.tokenizer = tokenizer
         self.field, self.template, self.value_fn = field, template, value_fn
         self.override, self.mask_metadata, self.add_eos = override, mask_metadata, add_eos
 
-    def metadata(self, doc: Document) -> str:
+    def metadata(self, doc) -> str:
         """The metadata string of ``doc`` (after ``override`` / ``value_fn``)."""
+        doc = as_document(doc, "document")
         if self.override is not None:
             return self.override if isinstance(self.override, str) else str(self.override(doc))
+        value_fn = self.value_fn
         if callable(self.field):
             value = self.field(doc)
+        elif self.field is None:
+            if "url" not in doc.meta:
+                raise ValueError(
+                    f"document {doc.meta.get('id', '?')!r} has no 'url' in its meta (fields: "
+                    f"{sorted(doc.meta)}); with field=None MeCo uses the url's domain: name "
+                    f"the metadata field, e.g. field='module' for the stdlib corpus")
+            value = doc.meta["url"]
+            value_fn = url_domain if value_fn is None else value_fn
         else:
             if self.field not in doc.meta:
                 raise ValueError(f"metadata field {self.field!r} not in meta of document "
@@ -107,7 +127,7 @@ class MetadataPrefix:
                                  f"{sorted(doc.meta)}")
             value = doc.meta[self.field]
         value = str(value)
-        return self.value_fn(value) if self.value_fn is not None else value
+        return value_fn(value) if value_fn is not None else value
 
     def prefix_tokens(self, metadata: str) -> np.ndarray:
         """``tok(template.format(metadata))`` (no BOS)."""
@@ -115,16 +135,10 @@ class MetadataPrefix:
                           np.int32).reshape(-1)
 
     def __call__(self, doc) -> dict[str, np.ndarray]:
-        if not isinstance(doc, Document):
-            raise TypeError(f"MetadataPrefix needs Documents (text + meta); got "
-                            f"{type(doc).__name__}")
+        doc = as_document(doc, "MetadataPrefix element")
         tok = self.tokenizer
         prefix = self.prefix_tokens(self.metadata(doc))
-        body = np.asarray(tok.encode(doc.text), np.int32).reshape(-1)
-        parts = [np.array([tok.bos_id], np.int32), prefix, body]
-        if self.add_eos:
-            parts.append(np.array([tok.eos_id], np.int32))
-        tokens = np.concatenate(parts)
+        tokens = with_specials(tok, prefix, tok.encode(doc.text), add_eos=self.add_eos)
         mask = np.ones(tokens.shape, np.float32)
         if self.mask_metadata:
             mask[:1 + prefix.shape[0]] = 0.0
@@ -139,23 +153,29 @@ def meco_switch_step(total_steps: int, cooldown_fraction: float = 0.1) -> int:
     Raises:
       ValueError: ``total_steps`` < 1 or ``cooldown_fraction`` outside [0, 1].
     """
-    if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) \
-            or total_steps < 1:
-        raise ValueError(f"total_steps must be an int >= 1; got {total_steps!r}")
+    total_steps = check_int("total_steps", total_steps, 1)
     c = check_fraction("cooldown_fraction", cooldown_fraction)
     return int(round((1.0 - c) * int(total_steps)))
 
 
 def _check_field(corpus, field) -> None:
-    if isinstance(field, str) and len(corpus) > 0 and isinstance(corpus[0], Document):
-        if field not in corpus[0].meta:
-            raise ValueError(f"metadata field {field!r} is not in the corpus' meta (first "
-                             f"document has {sorted(corpus[0].meta)})")
+    if callable(field) or not hasattr(corpus, "__getitem__") or len(corpus) == 0:
+        return
+    first = corpus[0]
+    if not isinstance(first, (Document, Mapping)):
+        return
+    meta = as_document(first, "corpus[0]").meta
+    key = "url" if field is None else field
+    if key not in meta:
+        hint = (" (field=None means the document's url; name the metadata field, e.g. "
+                "field='module' for the stdlib corpus)" if field is None else "")
+        raise ValueError(f"metadata field {key!r} is not in the corpus' meta (first document "
+                         f"has {sorted(meta)}){hint}")
 
 
 def make_meco_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, total_steps: int,
                       seed: int, cooldown_fraction: float = 0.1,
-                      field: str | Callable[[Document], str] = "module",
+                      field: str | Callable[[Document], str] | None = None,
                       template: str = DEFAULT_TEMPLATE,
                       value_fn: Callable[[str], str] | None = None,
                       cooldown_seed: int | None = None, **lm_kwargs: Any) -> grain.IterDataset:
@@ -168,11 +188,13 @@ def make_meco_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, total
     count and both pipelines' states, so restoring at any step continues in the right phase.
 
     Args:
-      corpus: a :class:`Corpus` (or sequence of Documents).  tokenizer: a Tokenizer.
+      corpus: a :class:`Corpus`, a sequence of Documents or of plain dicts with a ``text``
+        field (``{"text": ..., "url": ...}``).  tokenizer: a Tokenizer.
       seq_len, batch_size: L and B.  total_steps: planned training steps.  seed: data seed.
       cooldown_fraction: final fraction trained without metadata, in [0, 1] (default 0.1, the
         paper's; 0 = metadata throughout, 1 = plain throughout).
-      field, template, value_fn: see :class:`MetadataPrefix`.
+      field, template, value_fn: see :class:`MetadataPrefix` (``field=None``, the default, uses
+        each document's ``url`` domain).
       cooldown_seed: seed of the plain pipeline (default ``seed + 1``).
       **lm_kwargs: passed to :func:`make_lm_dataset` (not ``encode``).
 
@@ -213,16 +235,14 @@ def meco_prompt(tokenizer, text: str = "", metadata: str | None = None, *,
                         f"{type(text).__name__}, {type(metadata).__name__}")
     if not isinstance(template, str) or template.count("{}") != 1:
         raise ValueError(f"template must be a str with exactly one '{{}}'; got {template!r}")
-    parts = [np.array([tokenizer.bos_id], np.int32)] if add_bos else []
-    if metadata is not None:
-        parts.append(np.asarray(tokenizer.encode(template.format(metadata)), np.int32))
-    parts.append(np.asarray(tokenizer.encode(text), np.int32))
-    return np.concatenate([p.reshape(-1) for p in parts]).astype(np.int32)
+    prefix = [] if metadata is None else [tokenizer.encode(template.format(metadata))]
+    return with_specials(tokenizer, *prefix, tokenizer.encode(text), add_bos=add_bos,
+                         add_eos=False)
 
 
 def conditioned_eval_batches(corpus, tokenizer, seq_len: int, batch_size: int, *,
                              metadata: str | Callable[[Document], str] | None = None,
-                             field: str | Callable[[Document], str] = "module",
+                             field: str | Callable[[Document], str] | None = None,
                              template: str = DEFAULT_TEMPLATE, **kwargs: Any
                              ) -> list[Mapping[str, np.ndarray]]:
     """Evaluation batches with a metadata prefix (masked): the loss is on document tokens only.

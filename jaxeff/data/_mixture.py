@@ -41,27 +41,13 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
+from jaxeff._checks import check_fraction, check_int
+from jaxeff.data._corpus import as_document
 from jaxeff.data._pipeline import EncodeDocument, _source, pack_lm
 
 __all__ = ["MixtureSchedule", "PhaseMap", "SelectIterDataset", "mix_map_datasets",
-           "constant_mixture", "upsample_at_end", "check_weights", "check_fraction",
+           "constant_mixture", "upsample_at_end", "check_weights",
            "make_mixture_lm_dataset", "size_weights"]
-
-
-def check_fraction(name: str, value, *, open_right: bool = False) -> float:
-    """Validate a fraction in [0, 1] (or [0, 1) with ``open_right``); returns it as float.
-
-    Raises:
-      ValueError: if ``value`` is not a real number in range (names ``name``).
-    """
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v) and 0.0 <= v and (v < 1.0 if open_right else v <= 1.0)
-    if not ok:
-        raise ValueError(f"{name} must be a number in [0, 1{')' if open_right else ']'}; "
-                         f"got {value!r}")
-    return float(value)
 
 
 def check_weights(name: str, weights, num: int | None = None) -> np.ndarray:
@@ -83,10 +69,6 @@ def check_weights(name: str, weights, num: int | None = None) -> np.ndarray:
     return w / w.sum()
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
 
 
 def _apportion(desired: np.ndarray, allowed: np.ndarray, total: int) -> np.ndarray:
@@ -133,12 +115,12 @@ class MixtureSchedule(grain.transforms.DatasetSelectionMap):
 
     def __init__(self, weights, *, total: int, block_size: int = 64, seed: int = 0,
                  length: int | None = None, num_domains: int | None = None):
-        self.total = _check_int("total", total, 1)
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.length = self.total if length is None else _check_int("length", length, 1)
+        self.total = check_int("total", total, 1)
+        self.block_size = check_int("block_size", block_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.length = self.total if length is None else check_int("length", length, 1)
         if callable(weights):
-            self.num_domains = _check_int("num_domains", num_domains, 1)
+            self.num_domains = check_int("num_domains", num_domains, 1)
             self._fn: Callable | None = weights
             self._phases = None
         else:
@@ -298,11 +280,11 @@ class PhaseMap(grain.transforms.DatasetSelectionMap):
     """
 
     def __init__(self, boundaries: Sequence[int], length: int | None = None):
-        bounds = [_check_int(f"boundaries[{j}]", b, 0) for j, b in enumerate(boundaries)]
+        bounds = [check_int(f"boundaries[{j}]", b, 0) for j, b in enumerate(boundaries)]
         if any(b <= a for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"boundaries must increase strictly; got {list(boundaries)}")
         self.boundaries = tuple(bounds)
-        self.length = sys.maxsize if length is None else _check_int("length", length, 1)
+        self.length = sys.maxsize if length is None else check_int("length", length, 1)
 
     def phase(self, index: int) -> int:
         """The phase of element ``index``."""
@@ -431,7 +413,7 @@ def size_weights(corpora: Sequence) -> np.ndarray:
     for j, c in enumerate(corpora):
         if len(c) == 0:
             raise ValueError(f"corpora[{j}] is empty; every mixture source needs documents")
-        sizes.append(sum(len(d.text) for d in c))
+        sizes.append(sum(len(as_document(d, f"corpora[{j}] element").text) for d in c))
     return check_weights("corpus sizes", sizes)
 
 

@@ -29,7 +29,8 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.data._mixture import SelectIterDataset, check_fraction
+from jaxeff._checks import check_fraction, check_int
+from jaxeff.data._mixture import SelectIterDataset
 from jaxeff.data._pipeline import make_lm_dataset
 
 __all__ = ["Stage", "MultigridSchedule", "make_multigrid_dataset", "LR_SCALINGS"]
@@ -50,10 +51,6 @@ class Stage:
     shape_index: int
 
 
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {v!r}")
-    return int(v)
 
 
 class MultigridSchedule(grain.transforms.DatasetSelectionMap):
@@ -75,10 +72,10 @@ class MultigridSchedule(grain.transforms.DatasetSelectionMap):
     def __init__(self, batch_size: int, seq_len: int, total_steps: int, *,
                  seq_factors: Sequence[float] = (0.25, 0.5, 1.0), num_cycles: int = 1,
                  final_fraction: float = 0.2, lr_scaling: str = "linear"):
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.seq_len = _check_int("seq_len", seq_len, 1)
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        num_cycles = _check_int("num_cycles", num_cycles, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seq_len = check_int("seq_len", seq_len, 1)
+        self.total_steps = check_int("total_steps", total_steps, 1)
+        num_cycles = check_int("num_cycles", num_cycles, 1)
         final_fraction = check_fraction("final_fraction", final_fraction)
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}; got {lr_scaling!r}")

@@ -14,8 +14,12 @@ resume exactly. Causal LM is the default pipeline (:func:`jaxeff.data.make_lm_da
   ``n_noise = round(r n)``, ``n_spans = max(1, round(n_noise / mu))``; noise and non-noise
   tokens are each cut into ``n_spans`` random non-empty runs and interleaved (non-noise first).
   ``inputs`` replace span ``k`` by sentinel ``s_k``; ``targets = s_0 span_0 s_1 span_1 ...``.
-  ``s_k = sentinel_ids[k mod len(sentinel_ids)]`` -- a small vocabulary (the byte tokenizer has 5
-  spare ids) can reuse sentinels because spans are in order; :func:`span_reconstruct` inverts.
+  ``s_k = sentinel_ids[k]``; :func:`span_reconstruct` inverts. A small vocabulary (the byte
+  tokenizer has 2 sentinel ids) may reuse them, ``s_k = sentinel_ids[k mod len(sentinel_ids)]``,
+  because spans are in order: only when asked (``reuse_sentinels=True``); otherwise
+  :func:`span_corrupt` raises when a sequence gets more spans than there are sentinels. The UL2
+  stage (:func:`ul2_example`, :class:`UL2Transform`, :func:`make_ul2_dataset`) asks for it by
+  default (``reuse_sentinels=True``), since its byte sentinels are two.
 * **Prefix LM** (S-denoiser): ``inputs = t[:s]``, ``targets = t[s:]`` with ``s`` uniform in
   ``[1, n-1]`` or ``n - round(f n)`` for a fixed target fraction ``f`` (UL2's S: f = 0.25).
 * **UL2**: a denoiser drawn per example (uniform by default) from R (mu, r) = (3, .15), (8, .15);
@@ -34,8 +38,9 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from jaxeff.data._corpus import Document
-from jaxeff.data._mixture import check_fraction, check_weights
+from jaxeff.data._corpus import as_document
+from jaxeff._checks import check_fraction
+from jaxeff.data._mixture import check_weights
 from jaxeff.data._pipeline import _source, pack_lm
 from jaxeff.data._tokenizer import validate_tokenizer
 
@@ -109,15 +114,31 @@ def _check_sentinels(tokens, sentinel_ids) -> np.ndarray:
     return s
 
 
-def span_corrupt(tokens, rng, *, rate: float, mean_span: float, sentinel_ids: Sequence[int]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def span_corrupt(tokens, rng, *, rate: float, mean_span: float, sentinel_ids: Sequence[int],
+                 reuse_sentinels: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """T5/UL2 span corruption: ``(inputs, targets)``; see the module docstring.
 
+    Args:
+      tokens: 1-D int ids (no sentinel among them).  rng: Generator or int seed.
+      rate, mean_span: corruption rate r in (0, 1) and mean span length mu >= 1.
+      sentinel_ids: the sentinel ids, one per span.
+      reuse_sentinels: cycle through ``sentinel_ids`` when a sequence has more spans than
+        sentinels (default False: raise instead).
+
     Raises:
-      ValueError: bad tokens / rate / mean_span, or tokens that contain a sentinel id.
+      ValueError: bad tokens / rate / mean_span, tokens that contain a sentinel id, or more
+        spans than sentinels without ``reuse_sentinels``.
     """
     t = _tokens(tokens)
     s = _check_sentinels(t, sentinel_ids)
+    if not reuse_sentinels and t.shape[0] >= 2 and 0.0 < rate < 1.0 and mean_span >= 1:
+        n_spans = _span_counts(t.shape[0], float(rate), float(mean_span))[1]
+        if n_spans > s.size:
+            raise ValueError(
+                f"span corruption of {t.shape[0]} tokens at rate={rate!r}, mean_span="
+                f"{mean_span!r} makes {n_spans} spans but sentinel_ids has {s.size} id(s): "
+                f"give at least {n_spans} sentinel ids, or reuse_sentinels=True to cycle "
+                f"through them (decodable because spans are in order)")
     mask = random_spans_noise_mask(t.shape[0], rate, mean_span, rng)
     is_start = mask & ~np.concatenate([[False], mask[:-1]])
     sent = s[(np.cumsum(is_start) - 1) % s.size]            # sentinel of each token's span
@@ -236,10 +257,13 @@ def ul2_denoisers(mode_ids=None) -> tuple[Denoiser, ...]:
 
 
 def ul2_example(tokens, rng, denoisers: Sequence[Denoiser] | None = None, *, weights=None,
-                sentinel_ids: Sequence[int] = BYTE_UL2_SENTINELS) -> dict:
+                sentinel_ids: Sequence[int] = BYTE_UL2_SENTINELS,
+                reuse_sentinels: bool = True) -> dict:
     """One UL2 example: ``{'inputs': [mode] + corrupted, 'targets', 'mode', 'denoiser'}``.
 
     The denoiser index is drawn from ``weights`` (default uniform over ``denoisers``).
+    ``reuse_sentinels`` (default True: the two byte sentinels are cycled, module docstring) is
+    passed to :func:`span_corrupt`.
 
     Raises:
       ValueError: bad weights (negative, wrong length, non-positive sum) or tokens.
@@ -255,7 +279,7 @@ def ul2_example(tokens, rng, denoisers: Sequence[Denoiser] | None = None, *, wei
         inp, tgt = prefix_lm_split(tokens, rng, d.rate)
     else:
         inp, tgt = span_corrupt(tokens, rng, rate=d.rate, mean_span=d.mean_span,
-                                sentinel_ids=sentinel_ids)
+                                sentinel_ids=sentinel_ids, reuse_sentinels=reuse_sentinels)
     inp = np.concatenate([[d.mode_id], inp]).astype(np.int32)
     return {"inputs": inp, "targets": tgt, "mode": np.int32(d.mode_id), "denoiser": np.int32(j)}
 
@@ -329,7 +353,9 @@ class UL2Transform(grain.transforms.RandomMap):
     """
 
     def __init__(self, denoisers: Sequence[Denoiser] | None = None, *, weights=None,
-                 sentinel_ids: Sequence[int] = BYTE_UL2_SENTINELS, decoder_only: bool = True):
+                 sentinel_ids: Sequence[int] = BYTE_UL2_SENTINELS, decoder_only: bool = True,
+                 reuse_sentinels: bool = True):
+        self.reuse_sentinels = bool(reuse_sentinels)
         self.denoisers = tuple(ul2_denoisers() if denoisers is None else denoisers)
         self.weights = check_weights("weights", np.ones(len(self.denoisers))
                                      if weights is None else weights, len(self.denoisers))
@@ -338,7 +364,7 @@ class UL2Transform(grain.transforms.RandomMap):
 
     def random_map(self, element, rng):
         ex = ul2_example(element["tokens"], rng, self.denoisers, weights=self.weights,
-                         sentinel_ids=self.sentinel_ids)
+                         sentinel_ids=self.sentinel_ids, reuse_sentinels=self.reuse_sentinels)
         return decoder_only(ex["inputs"], ex["targets"]) if self.decoder_only else ex
 
 
@@ -349,7 +375,7 @@ class _Chunk:
         self.tokenizer, self.n = tokenizer, n
 
     def __call__(self, doc):
-        text = doc.text if isinstance(doc, Document) else doc
+        text = as_document(doc, "document").text
         t = np.asarray(self.tokenizer.encode(text), np.int32)
         return [{"tokens": t[i:i + self.n]} for i in range(0, t.shape[0], self.n)
                 if t[i:i + self.n].shape[0] >= 2]
@@ -365,7 +391,8 @@ class _Flatten(grain.experimental.FlatMapTransform):
 def make_ul2_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, seed: int,
                      denoisers: Sequence[Denoiser] | None = None, weights=None,
                      sentinel_ids: Sequence[int] = BYTE_UL2_SENTINELS,
-                     num_packing_bins: int = 64, shard=None) -> grain.IterDataset:
+                     num_packing_bins: int = 64, shard=None,
+                     reuse_sentinels: bool = True) -> grain.IterDataset:
     """Packed decoder-only UL2 batches (same batch format as :func:`make_lm_dataset`).
 
     ``source.shuffle(seed).repeat() -> chunk documents to max_chunk_len(L + 1) -> random_map(UL2)
@@ -376,7 +403,8 @@ def make_ul2_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, seed: 
       ValueError: ``seq_len`` too short for the denoisers, bad weights or pipeline arguments.
     """
     validate_tokenizer(tokenizer)
-    t = UL2Transform(denoisers, weights=weights, sentinel_ids=sentinel_ids)
+    t = UL2Transform(denoisers, weights=weights, sentinel_ids=sentinel_ids,
+                     reuse_sentinels=reuse_sentinels)
     n = max_chunk_len(seq_len + 1, t.denoisers)
     ds = _source(corpus, shard).shuffle(seed=seed).repeat()
     ds = ds.map(_Chunk(tokenizer, n))

@@ -41,8 +41,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import grain
 import numpy as np
 
-from jaxeff.data._corpus import Document
-from jaxeff.data._tokenizer import validate_tokenizer
+from jaxeff._checks import check_int
+from jaxeff.data._corpus import as_document
+from jaxeff.data._tokenizer import validate_tokenizer, with_specials
 
 __all__ = ["EncodeDocument", "make_lm_dataset", "make_eval_batches", "pack_lm",
            "fill_rate", "PACKINGS", "LONG_DOCS", "BATCH_KEYS"]
@@ -56,12 +57,14 @@ class EncodeDocument:
     """Document -> ``{'tokens': int32[n], 'loss_mask': float32[n]}`` with BOS/EOS.
 
     ``tokens = [bos] + tokenizer.encode(doc.text) + [eos]``, ``loss_mask = ones(n)``.
-    Accepts a :class:`Document`, a ``str``, or a dict that already has ``'tokens'`` (passed
-    through; an optional ``'loss_mask'`` of the same length is kept, else ones). A picklable
-    callable, so Grain worker processes can run it.
+    Accepts a :class:`Document`, a ``str``, a plain dict with a ``'text'`` field (e.g.
+    ``{"text": ..., "url": ...}``), or a dict that already has ``'tokens'`` (passed through; an
+    optional ``'loss_mask'`` of the same length is kept, else ones). A picklable callable, so
+    Grain worker processes can run it.
 
     Raises:
-      TypeError: an element of another type.  ValueError: ``loss_mask`` length mismatch.
+      TypeError: an element of another type.  ValueError: ``loss_mask`` length mismatch, a
+      dict with neither ``'tokens'`` nor ``'text'``.
     """
 
     def __init__(self, tokenizer, *, add_bos: bool = True, add_eos: bool = True):
@@ -80,18 +83,12 @@ class EncodeDocument:
                 raise ValueError(f"element loss_mask has length {mask.shape[0]} but tokens has "
                                  f"{tokens.shape[0]}; they must match")
             return {"tokens": tokens, "loss_mask": mask}
-        if isinstance(doc, Document):
-            text = doc.text
-        elif isinstance(doc, str):
-            text = doc
-        else:
-            raise TypeError(f"pipeline element must be a Document, str or dict with 'tokens'; "
-                            f"got {type(doc).__name__}")
-        body = np.asarray(self.tokenizer.encode(text), dtype=np.int32).reshape(-1)
-        parts = ([np.array([self.tokenizer.bos_id], np.int32)] if self.add_bos else []) + [body]
-        if self.add_eos:
-            parts.append(np.array([self.tokenizer.eos_id], np.int32))
-        tokens = np.concatenate(parts)
+        if not isinstance(doc, (str, Mapping)) and not hasattr(doc, "text"):
+            raise TypeError(f"pipeline element must be a Document, str, dict with 'text' or "
+                            f"dict with 'tokens'; got {type(doc).__name__}")
+        text = as_document(doc, "pipeline element").text
+        tokens = with_specials(self.tokenizer, self.tokenizer.encode(text),
+                               add_bos=self.add_bos, add_eos=self.add_eos)
         return {"tokens": tokens, "loss_mask": np.ones(tokens.shape, np.float32)}
 
 
@@ -139,9 +136,6 @@ class _Shift:
         }
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
 
 
 def pack_lm(pieces: grain.IterDataset, seq_len: int, *, pad_id: int,
@@ -171,10 +165,10 @@ def pack_lm(pieces: grain.IterDataset, seq_len: int, *, pad_id: int,
     Raises:
       ValueError: on an invalid argument (named with the value received).
     """
-    _check_int("seq_len", seq_len, 1)
-    _check_int("pad_id", pad_id, 0)
-    _check_int("num_packing_bins", num_packing_bins, 1)
-    _check_int("shuffle_window", shuffle_window, 0)
+    check_int("seq_len", seq_len, 1)
+    check_int("pad_id", pad_id, 0)
+    check_int("num_packing_bins", num_packing_bins, 1)
+    check_int("shuffle_window", shuffle_window, 0)
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}; got {packing!r}")
     if long_docs not in LONG_DOCS:
@@ -198,6 +192,44 @@ def pack_lm(pieces: grain.IterDataset, seq_len: int, *, pad_id: int,
         packed = cls(pieces, length_struct=lengths, num_packing_bins=num_packing_bins,
                      seed=seed, shuffle_bins=shuffle_bins, meta_features=("loss_mask",))
     return packed.map(_Shift(pad_id))
+
+
+class _NonEmptyIterator(grain.DatasetIterator):
+    """Raise instead of ending silently when a finite pipeline yields no batch at all."""
+
+    def __init__(self, parent, message: str):
+        super().__init__(parent)
+        self._message = message
+        self._count = 0
+
+    def __next__(self):
+        try:
+            elem = next(self._parent)
+        except StopIteration:
+            if self._count == 0:
+                raise ValueError(self._message) from None
+            raise
+        self._count += 1
+        return elem
+
+    def get_state(self):
+        return {"count": self._count, "parent": self._parent.get_state()}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._count = int(state["count"])
+
+
+class _NonEmpty(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, message: str):
+        super().__init__(parent)
+        self._message = message
+
+    def __iter__(self):
+        return _NonEmptyIterator(self._parent.__iter__(), self._message)
+
+    def __str__(self):
+        return "NonEmpty"
 
 
 def _resolve_shard(shard) -> tuple[int, int]:
@@ -232,7 +264,8 @@ def make_lm_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, seed: i
                     shuffle_window: int = 1024, shard: tuple[int, int] | None = None,
                     encode: Callable[[Any], Mapping[str, np.ndarray]] | None = None,
                     drop_remainder: bool = True,
-                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+                    read_options: grain.ReadOptions | None = None,
+                    vocab_size: int | None = None) -> grain.IterDataset:
     """Grain IterDataset of packed LM training batches (format in the module docstring).
 
     Documents are sharded by process (``ds[p::P]``), shuffled per epoch, encoded
@@ -262,20 +295,27 @@ def make_lm_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, seed: i
       shard: ``(process_index, process_count)``; default from ``jax.process_index/count()``.
       encode: element -> ``{'tokens', optional 'loss_mask'}`` (default
         ``EncodeDocument(tokenizer)``); a MeCo-style prefix plugs in here.
-      drop_remainder: drop a final partial batch of a finite dataset (default True).
+      drop_remainder: drop a final partial batch of a finite dataset (default True). A finite
+        dataset (``repeat`` False or k) whose rows do not fill one batch would then yield
+        nothing: its first ``next()`` raises ``ValueError`` instead (use a smaller
+        ``batch_size``, more epochs, or ``drop_remainder=False`` for the partial batch).
       read_options: ``grain.ReadOptions`` for the map stage (default 1 thread, buffer 64).
+      vocab_size: the model's vocabulary (embedding rows); when given, raises if it is
+        smaller than ``tokenizer.vocab_size`` (:func:`jaxeff.data.validate_tokenizer`; e.g.
+        ``ByteTokenizer`` needs 264, not 256). Default None: not checked.
 
     Raises:
-      ValueError / TypeError: on an invalid argument (named with the value received).
+      ValueError / TypeError: on an invalid argument (named with the value received), or a
+      model ``vocab_size`` smaller than the tokenizer's.
     """
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
     if seed >= 2**32:
         raise ValueError(f"seed must be < 2**32 (Grain's shuffle); got {seed!r}")
-    validate_tokenizer(tokenizer)
+    validate_tokenizer(tokenizer, vocab_size)
     if not isinstance(repeat, (bool, int)) or (not isinstance(repeat, bool) and repeat < 1):
         raise ValueError(f"repeat must be True, False or an int >= 1; got {repeat!r}")
-    ds = _source(corpus, shard)
+    ds = ds_source = _source(corpus, shard)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat is not False:
@@ -288,14 +328,22 @@ def make_lm_dataset(corpus, tokenizer, seq_len: int, batch_size: int, *, seed: i
     rows = pack_lm(it, seq_len, pad_id=int(tokenizer.pad_id), packing=packing,
                    num_packing_bins=num_packing_bins, seed=seed, shuffle_bins=shuffle,
                    long_docs=long_docs, shuffle_window=shuffle_window if shuffle else 0)
-    return rows.batch(batch_size, drop_remainder=drop_remainder)
+    batches = rows.batch(batch_size, drop_remainder=drop_remainder)
+    if repeat is not True and drop_remainder:
+        epochs = "one pass" if repeat is False else f"{int(repeat)} passes"
+        batches = _NonEmpty(batches, (
+            f"make_lm_dataset yields no batch: {epochs} over the corpus ({len(ds_source)} "
+            f"documents) packs into fewer than batch_size={batch_size} rows of seq_len="
+            f"{seq_len}, and drop_remainder=True drops the partial batch; use a smaller "
+            f"batch_size, more epochs (repeat=k or True), or drop_remainder=False"))
+    return batches
 
 
 def make_eval_batches(corpus, tokenizer, seq_len: int, batch_size: int, *,
                       packing: str = "first_fit", num_packing_bins: int = 64,
                       max_batches: int | None = None, shard: tuple[int, int] = (0, 1),
-                      encode: Callable[[Any], Mapping[str, np.ndarray]] | None = None
-                      ) -> list[dict[str, np.ndarray]]:
+                      encode: Callable[[Any], Mapping[str, np.ndarray]] | None = None,
+                      vocab_size: int | None = None) -> list[dict[str, np.ndarray]]:
     """A fixed, deterministic, finite list of evaluation batches (same format as training).
 
     One pass over ``corpus`` in order, no shuffling, long documents split (every target token
@@ -304,8 +352,8 @@ def make_eval_batches(corpus, tokenizer, seq_len: int, batch_size: int, *,
     (``segment_ids == 0``, ``loss_mask == 0``), so every batch has shape [B, L].
 
     Args:
-      corpus, tokenizer, seq_len, batch_size, packing, num_packing_bins, encode: as in
-        :func:`make_lm_dataset`.
+      corpus, tokenizer, seq_len, batch_size, packing, num_packing_bins, encode, vocab_size: as
+        in :func:`make_lm_dataset`.
       max_batches: keep only the first ``max_batches`` batches (default None = all).
       shard: ``(index, count)`` (default ``(0, 1)``: every process gets the full list, right
         for replicated evaluation; pass ``(jax.process_index(), jax.process_count())`` to split).
@@ -314,10 +362,11 @@ def make_eval_batches(corpus, tokenizer, seq_len: int, batch_size: int, *,
       ValueError: on an invalid argument, or if the corpus yields no batch.
     """
     if max_batches is not None:
-        _check_int("max_batches", max_batches, 1)
+        check_int("max_batches", max_batches, 1)
     ds = make_lm_dataset(corpus, tokenizer, seq_len, batch_size, seed=0, packing=packing,
                          num_packing_bins=num_packing_bins, shuffle=False, repeat=False,
-                         shard=shard, encode=encode, drop_remainder=False)
+                         shard=shard, encode=encode, drop_remainder=False,
+                         vocab_size=vocab_size)
     batches = []
     for b in ds:
         if max_batches is not None and len(batches) >= max_batches:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff.data._corpus import Corpus, Document, corpus_fingerprint
+from jaxeff.data._corpus import Corpus, Document, as_document, corpus_fingerprint
 from jaxeff.data._mixture import check_fraction
 
 __all__ = ["hashed_ngram_features", "loss_scores", "predictive_strength", "preselect_labels",
@@ -47,14 +47,7 @@ __all__ = ["hashed_ngram_features", "loss_scores", "predictive_strength", "prese
 
 
 def _texts(docs) -> list[str]:
-    out = []
-    for i, d in enumerate(docs):
-        if isinstance(d, Document):
-            out.append(d.text)
-        elif isinstance(d, str):
-            out.append(d)
-        else:
-            raise TypeError(f"docs[{i}] must be a Document or str; got {type(d).__name__}")
+    out = [as_document(d, f"docs[{i}]").text for i, d in enumerate(docs)]
     if not out:
         raise ValueError("docs is empty; nothing to score")
     return out
@@ -185,13 +178,23 @@ def predictive_strength(losses, benchmark_scores) -> np.ndarray:
       ValueError: shapes that disagree, fewer than 2 models, non-finite values.
     """
     l = np.asarray(losses, np.float32)
-    s = np.asarray(benchmark_scores, np.float32).reshape(-1)
+    s = _scores_1d(benchmark_scores, "benchmark_scores", "model").astype(np.float32)
     if l.ndim != 2 or l.shape[0] != s.shape[0] or l.shape[0] < 2:
         raise ValueError(f"losses must be [M, N] with M = len(benchmark_scores) >= 2; got "
                          f"{l.shape} and {s.shape}")
     if not (np.isfinite(l).all() and np.isfinite(s).all()):
         raise ValueError("losses and benchmark_scores must be finite")
     return np.asarray(_strength(jnp.asarray(l), jnp.asarray(s)))
+
+
+def _scores_1d(scores, name: str = "scores", per: str = "document") -> np.ndarray:
+    """``scores`` as a 1-D float64 array; a 2-D (or 0-D) input raises instead of flattening."""
+    sc = np.asarray(scores, np.float64)
+    if sc.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array with one score per {per}; got shape "
+                         f"{sc.shape} (reduce to one score per {per} first, e.g. "
+                         f".mean(axis=-1))")
+    return sc
 
 
 def preselect_labels(scores, *, positive_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +207,7 @@ def preselect_labels(scores, *, positive_fraction: float = 0.1) -> tuple[np.ndar
     Raises:
       ValueError: fewer than 2 documents, a fraction outside (0, 1], or no score spread.
     """
-    sc = np.asarray(scores, np.float64).reshape(-1)
+    sc = _scores_1d(scores)
     f = check_fraction("positive_fraction", positive_fraction)
     if sc.shape[0] < 2 or f == 0.0:
         raise ValueError(f"need >= 2 scores and positive_fraction > 0; got {sc.shape[0]}, {f}")
@@ -330,12 +333,13 @@ def select_top(scores, *, keep_fraction: float | None = None, threshold: float |
 
     Raises:
       ValueError: both or neither of ``keep_fraction`` / ``threshold``, a fraction outside
-        [0, 1], NaN scores, negative or mis-shaped ``sizes``, or an empty result (nothing is
-        silently dropped).
+        [0, 1], scores that are not 1-D (one per document; a 2-D array is not flattened), NaN
+        scores, negative or mis-shaped ``sizes``, or an empty result (nothing is silently
+        dropped).
     """
-    sc = np.asarray(scores, np.float64).reshape(-1)
+    sc = _scores_1d(scores)
     if sizes is not None:
-        sizes = np.asarray(sizes, np.float64).reshape(-1)
+        sizes = np.asarray(sizes, np.float64)
         if sizes.shape != sc.shape or (sizes < 0).any():
             raise ValueError(f"sizes must be {sc.shape[0]} non-negative numbers; got shape "
                              f"{sizes.shape}")

@@ -3,11 +3,19 @@
 Every tokenizer in jaxeff follows the small :class:`Tokenizer` protocol::
 
     encode(text: str) -> np.ndarray[int32]     # no BOS/EOS added
-    decode(ids) -> str                         # special ids are dropped
+    decode(ids) -> str                         # special ids are dropped; ids outside
+                                               # [0, vocab_size) or non-integers raise
     vocab_size: int; bos_id: int; eos_id: int; pad_id: int
 
 so a user's own tokenizer (e.g. a thin wrapper around a SentencePiece or HF model) plugs into
 :func:`jaxeff.data.make_lm_dataset` unchanged.
+
+The model's embedding table must have at least ``tokenizer.vocab_size`` rows: the model config's
+``vocab_size`` (``jaxeff.models.llama.LlamaConfig.vocab_size``) is the number of rows, the
+tokenizer's is one more than its largest id. ``ByteTokenizer.vocab_size`` is **264**, not 256: a
+256-row model would index its embedding out of range with PAD/BOS/EOS (ids 256-258), which JAX
+clamps silently. :func:`validate_tokenizer` ``(tokenizer, vocab_size=model_vocab)`` raises for
+that, and :func:`jaxeff.data.make_lm_dataset` calls it when given ``vocab_size=``.
 
 Byte-level id layout (:class:`ByteTokenizer`, vocab 264; the 'tiny' model preset uses it)::
 
@@ -29,7 +37,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "BYTE_PAD_ID", "BYTE_BOS_ID",
-           "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "validate_tokenizer"]
+           "BYTE_EOS_ID", "BYTE_VOCAB_SIZE", "validate_tokenizer", "with_specials",
+           "check_ids"]
 
 BYTE_PAD_ID = 256
 BYTE_BOS_ID = 257
@@ -56,12 +65,14 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
 
-def validate_tokenizer(tokenizer) -> None:
-    """Check that ``tokenizer`` satisfies :class:`Tokenizer` (attributes, id ranges).
+def validate_tokenizer(tokenizer, vocab_size: int | None = None) -> None:
+    """Check that ``tokenizer`` satisfies :class:`Tokenizer` (attributes, id ranges), and, with
+    ``vocab_size`` (the model's embedding rows), that the model can embed every id.
 
     Raises:
       TypeError: if an attribute or method is missing or not an int / callable.
-      ValueError: if a special id is outside ``[0, vocab_size)``.
+      ValueError: if a special id is outside ``[0, vocab_size)``, or the model's
+        ``vocab_size`` is smaller than ``tokenizer.vocab_size``.
     """
     for name in ("encode", "decode"):
         if not callable(getattr(tokenizer, name, None)):
@@ -76,19 +87,56 @@ def validate_tokenizer(tokenizer) -> None:
         if not 0 <= value < tokenizer.vocab_size:
             raise ValueError(f"tokenizer.{name}={value} must be in [0, vocab_size="
                              f"{tokenizer.vocab_size})")
+    if vocab_size is not None:
+        from jaxeff._checks import check_int  # pylint: disable=import-outside-toplevel
+        vocab_size = check_int("vocab_size", vocab_size, 1)
+        if vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"vocab_size={vocab_size} (the model's embedding rows) is smaller than "
+                f"tokenizer.vocab_size={tokenizer.vocab_size} ({type(tokenizer).__name__}: ids "
+                f"up to {tokenizer.vocab_size - 1}, e.g. bos_id={tokenizer.bos_id}); the model "
+                f"would index its embedding out of range. Use vocab_size >= "
+                f"{tokenizer.vocab_size}")
+
+
+def with_specials(tokenizer, *parts, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
+    """``[bos] + parts... + [eos]`` as one int32 array: the one place that assembles a
+    document's token ids (each part an int sequence, e.g. ``tokenizer.encode(text)``)."""
+    seq = ([np.array([tokenizer.bos_id], np.int32)] if add_bos else []) + \
+        [np.asarray(p, np.int32).reshape(-1) for p in parts]
+    if add_eos:
+        seq.append(np.array([tokenizer.eos_id], np.int32))
+    return np.concatenate(seq) if seq else np.zeros((0,), np.int32)
+
+
+def check_ids(ids, vocab_size: int, argname: str = "ids") -> np.ndarray:
+    """``ids`` as a flat int64 array, or a clear error (non-integers, ids out of range)."""
+    arr = np.asarray(ids)
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{argname} must be integer token ids; got dtype {arr.dtype} (e.g. "
+                        f"{arr.reshape(-1)[0]!r}); a float id would be truncated")
+    arr = arr.reshape(-1).astype(np.int64)
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        raise ValueError(f"{argname} must be in [0, vocab_size={vocab_size}); got "
+                         f"{arr[bad][:8].tolist()} at positions "
+                         f"{np.flatnonzero(bad)[:8].tolist()}")
+    return arr
 
 
 class ByteTokenizer:
     """UTF-8 byte-level tokenizer: id = byte value, plus PAD/BOS/EOS and 5 reserved ids.
 
-    ``encode(text) = list(text.encode('utf-8'))`` as int32; ``decode`` drops ids >= 256 and
-    decodes the bytes as UTF-8 (``errors='replace'`` so a truncated multi-byte character does
-    not raise). Round trip ``decode(encode(s)) == s`` holds for every ``str`` without lone
+    ``encode(text) = list(text.encode('utf-8'))`` as int32; ``decode`` drops the special ids
+    256..263 and decodes the bytes as UTF-8 (``errors='replace'`` so a truncated multi-byte
+    character does not raise). Round trip ``decode(encode(s)) == s`` holds for every ``str`` without lone
     surrogates. See the module docstring for the id layout (vocab 264).
 
     Raises:
-      ValueError: from ``encode`` if ``text`` contains lone surrogates (not valid UTF-8).
-      TypeError: from ``encode`` if ``text`` is not a ``str``.
+      ValueError: from ``encode`` if ``text`` contains lone surrogates (not valid UTF-8); from
+        ``decode`` for an id outside ``[0, 264)`` (e.g. -1).
+      TypeError: from ``encode`` if ``text`` is not a ``str``; from ``decode`` for non-integer
+        ids (65.7 is not truncated to 65).
     """
 
     vocab_size = BYTE_VOCAB_SIZE
@@ -108,8 +156,8 @@ class ByteTokenizer:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        arr = np.asarray(ids).reshape(-1)
-        arr = arr[(arr >= 0) & (arr < 256)].astype(np.uint8)
+        arr = check_ids(ids, self.vocab_size)
+        arr = arr[arr < 256].astype(np.uint8)
         return arr.tobytes().decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
@@ -195,7 +243,7 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         specials = {self.pad_id, self.bos_id, self.eos_id}
-        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)
+        return self._tok.decode([int(i) for i in check_ids(ids, self.vocab_size)
                                  if int(i) not in specials], skip_special_tokens=True)
 
     def __repr__(self) -> str:

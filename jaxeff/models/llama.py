@@ -47,6 +47,12 @@ class LlamaConfig:
     ``cfg.head_dim`` is always the resolved int; :meth:`replace` re-derives a derived head_dim
     from the new ``d_model`` / ``n_heads`` (use it rather than ``dataclasses.replace``, which
     would keep the old value).
+
+    ``vocab_size``: rows of the embedding table, at least the tokenizer's ``vocab_size``
+    (``jaxeff.data.ByteTokenizer().vocab_size == 264``: bytes 0-255, PAD/BOS/EOS 256-258 and
+    5 reserved ids; a 256-row model would index out of range, which JAX clamps silently).
+    Check with ``jaxeff.data.validate_tokenizer(tokenizer, cfg.vocab_size)`` or
+    ``make_lm_dataset(..., vocab_size=cfg.vocab_size)``.
     """
 
     vocab_size: int = 264

@@ -198,3 +198,24 @@ def test_load_jsonl_errors(tmp_path):
     _jsonl(p, [], ["", ""])
     with pytest.raises(ValueError, match="empty corpus: .*d.jsonl"):
         load_jsonl(p)
+
+
+def test_load_jsonl_bad_bytes_name_path_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid UTF-8 at byte 13"):
+        load_jsonl(p)
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b'{"text": "not compressed"}\n')
+    with pytest.raises(ValueError, match=r"fake\.jsonl\.gz:1: cannot decompress.*not .*gzip"):
+        load_jsonl(fake)
+    trunc = tmp_path / "trunc.jsonl.gz"
+    body = "".join(json.dumps({"text": f"line {i} {i * 7919 % 10007}"}) + "\n"
+                   for i in range(400)).encode()
+    blob = gzip.compress(body)
+    trunc.write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(ValueError, match=r"trunc\.jsonl\.gz:\d+: cannot decompress"):
+        load_jsonl(trunc)
+    good = tmp_path / "good.jsonl.gz"
+    good.write_bytes(gzip.compress('{"text": "café"}\n'.encode()))
+    assert load_jsonl(good)[0].text == "café"

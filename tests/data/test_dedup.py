@@ -102,5 +102,13 @@ def test_bad_inputs():
         kmeans(np.ones((3, 2)), 5, jax.random.key(0))
     with pytest.raises(ValueError, match="empty"):
         exact_duplicates([])
-    with pytest.raises(TypeError, match="Document or str"):
+    with pytest.raises(TypeError,
+                       match=r"docs\[0\] must be a Document, a str or a dict with a .text."):
         exact_duplicates([1, 2])
+
+
+def test_plain_dicts_with_text_are_documents():
+    docs = [{"text": "same words here", "url": "a.org"}, {"text": "same words here"},
+            {"text": "other"}]
+    sel = exact_duplicates(docs)
+    assert sel.dropped.tolist() == [1]

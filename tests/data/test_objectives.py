@@ -29,7 +29,8 @@ def test_span_corruption_counts_and_reconstruction(mu, r):
         assert n_noise == round(r * n)
         starts = int((mask & ~np.concatenate([[False], mask[:-1]])).sum())
         assert starts == max(1, round(n_noise / mu))                # n_spans spans
-        inp, tgt = span_corrupt(t, seed, rate=r, mean_span=mu, sentinel_ids=SENT)
+        inp, tgt = span_corrupt(t, seed, rate=r, mean_span=mu, sentinel_ids=SENT,
+                                reuse_sentinels=starts > len(SENT))
         assert np.isin(inp, SENT).sum() == np.isin(tgt, SENT).sum() == starts
         # sentinels consistent: the k-th sentinel of inputs equals the k-th of targets
         np.testing.assert_array_equal(inp[np.isin(inp, SENT)], tgt[np.isin(tgt, SENT)])
@@ -161,3 +162,21 @@ def test_mlm_transform_validates_at_construction():
         MLMTransform(rate=0.3, mask_id=259, vocab_size=264, mask_prob=0.95, random_prob=0.1)
     with pytest.raises(ValueError, match="rate"):
         MLMTransform(rate=2.0, mask_id=259, vocab_size=264)
+
+
+def test_span_corrupt_raises_when_spans_outnumber_sentinels():
+    t = _text_tokens(400)
+    with pytest.raises(ValueError, match=r"makes 20 spans but sentinel_ids has 1 id\(s\).*"
+                                         r"reuse_sentinels=True"):
+        span_corrupt(t, 0, rate=0.15, mean_span=3, sentinel_ids=[262])
+    with pytest.raises(ValueError, match="makes 20 spans but sentinel_ids has 2"):
+        span_corrupt(t, 0, rate=0.15, mean_span=3, sentinel_ids=SENT)
+    # enough distinct sentinels: each span gets its own
+    many = list(range(1000, 1020))
+    inp, tgt = span_corrupt(t, 0, rate=0.15, mean_span=3, sentinel_ids=many)
+    assert sorted(inp[np.isin(inp, many)].tolist()) == many
+    # explicit reuse: cycled, still decodable
+    inp, tgt = span_corrupt(t, 0, rate=0.15, mean_span=3, sentinel_ids=[262],
+                            reuse_sentinels=True)
+    assert int((inp == 262).sum()) == 20
+    np.testing.assert_array_equal(span_reconstruct(inp, tgt, [262]), t)

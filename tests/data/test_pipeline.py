@@ -283,5 +283,41 @@ def test_bad_arguments(small_corpus):
         next(iter(make_lm_dataset([3.5], TOK, 16, 1, **kw)))
     with pytest.raises(ValueError, match="fill_rate: no batches"):
         fill_rate([])
-    with pytest.raises(ValueError, match="pad_id"):
+    with pytest.raises(TypeError, match="pad_id must be an int >= 0; got None"):
         pack_lm(grain.MapDataset.source([]).to_iter_dataset(), 8, pad_id=None)
+    with pytest.raises(TypeError, match=r"seq_len must be an int >= 1; got 2.5"):
+        make_lm_dataset(small_corpus, TOK, 2.5, 2, **kw)
+
+
+def test_finite_dataset_smaller_than_a_batch_raises_not_silently_empty():
+    docs = [Document("tiny doc", {"id": "a"}), Document("another", {"id": "b"})]
+    ds = make_lm_dataset(docs, TOK, 64, 8, seed=0, shard=(0, 1), repeat=False, shuffle=False)
+    with pytest.raises(ValueError, match=r"yields no batch: one pass over the corpus \(2 "
+                                         r"documents\).*batch_size=8.*drop_remainder=False"):
+        next(iter(ds))
+    with pytest.raises(ValueError, match="3 passes"):
+        next(iter(make_lm_dataset(docs, TOK, 64, 8, seed=0, shard=(0, 1), repeat=3,
+                                  shuffle=False)))
+    part = list(make_lm_dataset(docs, TOK, 64, 8, seed=0, shard=(0, 1), repeat=False,
+                                shuffle=False, drop_remainder=False))
+    assert len(part) == 1 and part[0]["inputs"].shape[0] < 8      # the partial batch
+    # a finite dataset that fills batches ends normally (StopIteration, no error)
+    full = list(make_lm_dataset(docs, TOK, 8, 1, seed=0, shard=(0, 1), repeat=False,
+                                shuffle=False))
+    assert len(full) >= 2
+
+
+def test_model_vocab_checked_and_plain_dicts_accepted(small_corpus):
+    kw = dict(seed=0, shard=(0, 1), shuffle_window=0)
+    with pytest.raises(ValueError, match="vocab_size=256 .* smaller than tokenizer.vocab_size"):
+        make_lm_dataset(small_corpus, TOK, 16, 2, vocab_size=256, **kw)
+    with pytest.raises(ValueError, match="vocab_size=259"):
+        make_eval_batches(small_corpus, TOK, 16, 2, vocab_size=259)
+    make_lm_dataset(small_corpus, TOK, 16, 2, vocab_size=264, **kw)
+    dicts = [{"text": d.text, "url": "x.org"} for d in list(small_corpus)[:4]]
+    a = next(iter(make_lm_dataset(dicts, TOK, 16, 2, shuffle=False, **kw)))
+    b = next(iter(make_lm_dataset(list(small_corpus)[:4], TOK, 16, 2, shuffle=False, **kw)))
+    for k in BATCH_KEYS:
+        np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="without a 'text' field"):
+        next(iter(make_lm_dataset([{"body": "x"}], TOK, 16, 1, **kw)))

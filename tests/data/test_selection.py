@@ -198,3 +198,15 @@ def test_scorers_sharded_over_8_devices_match_single(tmp_path):
         ck.wait_until_finished()
         back = ck.restore(tmp_path / "clf", clf)
     np.testing.assert_array_equal(logreg_scores(back, c), logreg_scores(clf, c))
+
+
+def test_scores_must_be_one_per_document():
+    with pytest.raises(ValueError, match=r"scores must be a 1-D array .* got shape \(2, 3\)"):
+        select_top(np.arange(6.0).reshape(2, 3), keep_fraction=0.5)
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        select_top(1.0, keep_fraction=0.5)
+    with pytest.raises(ValueError, match=r"scores must be a 1-D array"):
+        preselect_labels(np.arange(6.0).reshape(3, 2))
+    with pytest.raises(ValueError, match=r"benchmark_scores must be a 1-D array .* per model"):
+        predictive_strength(np.ones((2, 5)), np.ones((2, 1)))
+    assert len(select_top(np.arange(6.0), keep_fraction=0.5).kept) == 3

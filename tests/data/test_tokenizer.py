@@ -115,3 +115,29 @@ def test_bpe_train_round_trip(tmp_path):
     tok.save(tmp_path / "tok.json")
     tok2 = BPETokenizer.from_file(tmp_path / "tok.json")
     np.testing.assert_array_equal(tok2.encode(texts[1]), tok.encode(texts[1]))
+
+
+def test_decode_rejects_out_of_range_and_non_integer_ids():
+    tok = ByteTokenizer()
+    assert tok.decode([72, 105, 257, 258, 256]) == "Hi"          # specials are dropped
+    with pytest.raises(ValueError, match=r"ids must be in \[0, vocab_size=264\); got \[-1\] "
+                                         r"at positions \[1\]"):
+        tok.decode([65, -1, 66])
+    with pytest.raises(ValueError, match=r"got \[264, 1000\]"):
+        tok.decode(np.array([264, 1000]))
+    with pytest.raises(TypeError, match="integer token ids; got dtype float64.*65.7"):
+        tok.decode([65.7])
+    with pytest.raises(TypeError, match="integer token ids"):
+        tok.decode(np.array([65.0, 66.0], np.float32))
+    assert tok.decode(np.array([], np.float32)) == ""              # empty is fine
+
+
+def test_model_vocab_smaller_than_tokenizer_raises():
+    tok = ByteTokenizer()
+    validate_tokenizer(tok, 264)
+    validate_tokenizer(tok, 512)
+    with pytest.raises(ValueError, match=r"vocab_size=256 .*smaller than tokenizer.vocab_size="
+                                         r"264.*bos_id=257.*>= 264"):
+        validate_tokenizer(tok, 256)
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        validate_tokenizer(tok, 264.0)
