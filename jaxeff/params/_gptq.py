@@ -57,8 +57,8 @@ from jaxeff.params._quantized import (QuantizedWeight, check_quant_args, find_pa
                                       quantize_codes)
 
 __all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "gptq_solve",
-           "gptq_weight", "gptq", "check_ok", "check_hessian", "check_solver_args", "aligned_block_size",
-           "quant_error"]
+           "gptq_weight", "gptq", "check_ok", "check_hessian", "check_solver_args",
+           "aligned_block_size", "quant_error"]
 
 _HI = jax.lax.Precision.HIGHEST
 
