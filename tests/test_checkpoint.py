@@ -191,3 +191,37 @@ def test_hparams_are_stored_and_a_change_is_reported(tmp_path):
         Checkpointer(tmp_path / "x", hparams={"tx": optax.adam(1e-3)})
     with pytest.raises(TypeError, match="hparams must be a dict"):
         Checkpointer(tmp_path / "x", hparams=[1, 2])
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+    from hypothesis.extra import numpy as hnp
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+if given is not None:
+    _DTYPES = st.sampled_from([np.float32, np.int32, np.uint8, np.float16])
+
+    @st.composite
+    def _trees(draw):
+        n = draw(st.integers(1, 4))
+        tree = {}
+        for i in range(n):
+            dt = draw(_DTYPES)
+            shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, max_side=5))
+            arr = draw(hnp.arrays(dt, shape, elements=hnp.from_dtype(
+                np.dtype(dt), allow_nan=False, allow_infinity=False)))
+            tree[f"leaf{i}"] = jnp.asarray(arr)
+        return {"params": tree, "step": jnp.asarray(draw(st.integers(0, 10**6)), jnp.int32)}
+
+    @settings(max_examples=8, deadline=None)
+    @given(tree=_trees())
+    def test_property_round_trip_is_exact(tmp_path_factory, tree):
+        d = tmp_path_factory.mktemp("prop")
+        ck = Checkpointer(d)
+        ck.save(tree, step=3)
+        like = jax.tree.map(jnp.zeros_like, tree)
+        back = ck.restore(like)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

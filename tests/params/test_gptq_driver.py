@@ -125,3 +125,13 @@ def test_calibration_batches_from_jaxeff_data():
     assert {"inputs", "segment_ids", "positions"} <= set(cal[0])
     with pytest.raises(ValueError, match="n_segments must be a positive int"):
         calibration_batches(0)
+
+
+def test_layer_without_calibration_tokens_warns_with_its_name_and_uses_rtn():
+    params, calib, model = _toy()
+    empty = [dict(b, segment_ids=jnp.zeros_like(b["segment_ids"])) for b in calib]
+    with pytest.warns(UserWarning, match=r"layer 0 \(a, b\) is all zero.*round-to-nearest"):
+        q = gptq_model(params, model, empty, 4, 8, progress=False)
+    r = rtn(params, 4, 8, select=r"layers/0/a$")
+    np.testing.assert_array_equal(np.asarray(q["layers"][0]["a"].materialize()),
+                                  np.asarray(r["layers"][0]["a"].materialize()))
