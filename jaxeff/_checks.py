@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["check_int", "check_float", "check_fraction", "check_learning_rate",
-           "check_float_dtype", "check_choice", "check_callable"]
+           "check_float_dtype", "check_choice", "check_callable", "check_rank", "check_key"]
 
 
 def _is_real(value) -> bool:
@@ -136,3 +136,46 @@ def check_callable(name: str, value, what: str = "a callable") -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
     return value
+
+
+def check_rank(name: str, value) -> Any:
+    """A rank: an int >= 1, or a float in (0, 1] meaning that fraction of a matrix's
+    ``min(m, n)`` (resolved per matrix by ``jaxeff.select.resolve_rank``). Returned as an ``int``
+    or a ``float``.
+
+    Raises:
+      TypeError: a bool, string, array or other non-number.
+      ValueError: an int < 1, or a float outside (0, 1] (NaN and inf included).
+    """
+    if isinstance(value, (bool, np.bool_)) or not _is_real(value):
+        raise TypeError(f"{name} must be an int >= 1 or a float fraction in (0, 1]; got "
+                        f"{value!r} ({type(value).__name__})")
+    if isinstance(value, numbers.Integral):
+        return check_int(name, value, 1)
+    v = float(value)
+    if not 0.0 < v <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be an int >= 1 or a float fraction in (0, 1] (of "
+                         f"min(m, n) of each matrix); got {value!r}")
+    return v
+
+
+def check_key(name: str, value):
+    """A ``jax.random`` key: a typed key (``jax.random.key``), a raw ``uint32[2]`` key
+    (``jax.random.PRNGKey``), or a Python int seed, which becomes ``jax.random.key(seed)``.
+
+    Raises:
+      TypeError: anything else (a float, a string, an array of another shape or dtype), naming
+        the argument.
+    """
+    import jax  # local: this module otherwise needs only jax.numpy
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        return jax.random.key(int(value))
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return value
+        if dtype == jnp.uint32 and tuple(getattr(value, "shape", ())) == (2,):
+            return value
+    raise TypeError(f"{name} must be a jax.random key (jax.random.key(seed)) or an int seed; "
+                    f"got {value!r:.80} ({type(value).__name__})")

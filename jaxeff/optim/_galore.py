@@ -24,7 +24,6 @@ refreshes and moment handling on refresh; ``optax.inject_hyperparams(galore)`` w
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, NamedTuple
 
@@ -36,9 +35,11 @@ from jaxeff.optim import _compress as compress
 from jaxeff.optim._projection import (Randomized, align_signs, randomized_projector,
                                       random_orthonormal, reproject_moment, resolve_refresh,
                                       svd_projector)
-from jaxeff.select import path_str, select_mask, select_values
+from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, matrix_axes_values,
+                           select_mask, select_values)
+from jaxeff.select import resolve_rank as _matrix_rank
 
-__all__ = ["GaLoreState", "MatrixDims", "PROJ_TYPES", "MOMENT_POLICIES", "scale_by_galore",
+__all__ = ["GaLoreState", "PROJ_TYPES", "MOMENT_POLICIES", "scale_by_galore",
            "galore", "Randomized"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -55,22 +56,10 @@ class GaLoreState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class MatrixDims:
-    """Which axes of a leaf form the matrix rows and columns; the remaining axes are a batch.
-
-    E.g. attention weights ``[D, H, hd]``: ``MatrixDims(rows=0, cols=(1, 2))``. Default for every
-    leaf (when not given): the last two axes, leading axes batched (``jaxeff.select.matrix_shape``).
-    """
-    rows: Any = -2
-    cols: Any = -1
-
-
-@dataclasses.dataclass(frozen=True)
 class _Leaf:
     index: int            # position among the tree's leaves
     path: str
-    perm: tuple           # transpose to batch + rows + cols
-    split: tuple          # shape after the transpose
+    layout: MatrixLayout  # the leaf as a batch of m x n matrices
     mshape: tuple         # batch + (m, n)
     sides: tuple          # ('left',), ('right',) or ('left', 'right')
     rank: Any             # int, or None when read from the state
@@ -129,25 +118,13 @@ def _check_spec(spec, check, argname):
         check(v, argname)
 
 
-def _axes(a, ndim):
-    return tuple(x % ndim for x in ((a,) if isinstance(a, int) else a))
-
-
 def _leaf_plan(index, path, leaf, dims, rank, gap, scale, ptype, resolve_rank):
     shape = tuple(leaf.shape)
     if len(shape) < 2:
         raise ValueError(f"GaLore selects leaf {path!r} of shape {shape}, but a projected leaf needs "
                          ">= 2 axes; exclude it with `select` (e.g. select=lambda p, x: x.ndim >= 2)")
-    dims = dims if dims is not None else MatrixDims()
-    if not isinstance(dims, MatrixDims):
-        raise TypeError(f"dimension_numbers for {path!r} must be a MatrixDims; got {dims!r}")
-    rows, cols = _axes(dims.rows, len(shape)), _axes(dims.cols, len(shape))
-    if set(rows) & set(cols) or not rows or not cols:
-        raise ValueError(f"dimension_numbers for {path!r}: rows {rows} and cols {cols} must be "
-                         f"non-empty and disjoint for shape {shape}")
-    batch = tuple(a for a in range(len(shape)) if a not in rows + cols)
-    perm = batch + rows + cols
-    m, n = math.prod(shape[a] for a in rows), math.prod(shape[a] for a in cols)
+    layout = MatrixLayout.for_leaf(path, shape, dims)
+    m, n = layout.m, layout.n
     _check_type(ptype, f"proj_type for {path!r}")
     side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right",
             "left": "left", "right": "right"}.get(ptype)
@@ -158,23 +135,21 @@ def _leaf_plan(index, path, leaf, dims, rank, gap, scale, ptype, resolve_rank):
         if not _is_concrete(rank):
             raise ValueError(f"rank for {path!r} is traced at init; GaLore.init needs concrete ranks "
                              "(call init outside jit)")
-        r = max(1, int(float(rank) * min(m, n))) if _is_fraction(rank) else int(rank)
+        r = _matrix_rank(float(rank), m, n) if _is_fraction(rank) else int(rank)
         if r > min(m, n):
             raise ValueError(f"rank={r} for leaf {path!r} exceeds min(m, n)={min(m, n)} of its "
                              f"{m}x{n} matrix (shape {shape}); use a smaller rank, a float fraction "
                              "(e.g. rank=0.25) or exclude the leaf with `select`")
     _check_gap(gap, f"update_proj_gap for {path!r}")
-    return _Leaf(index, path, perm, tuple(shape[a] for a in perm),
-                 tuple(shape[a] for a in batch) + (m, n), sides, r, gap, scale)
+    return _Leaf(index, path, layout, layout.matrix_shape, sides, r, gap, scale)
 
 
 def _to_matrix(x, lp: _Leaf):
-    return jnp.transpose(x, lp.perm).reshape(lp.mshape)
+    return lp.layout.to_matrix(x)
 
 
 def _from_matrix(y, lp: _Leaf, shape):
-    inv = tuple(sorted(range(len(lp.perm)), key=lambda i: lp.perm[i]))
-    return jnp.transpose(y.reshape(lp.split), inv).reshape(shape)
+    return lp.layout.from_matrix(y).reshape(shape)
 
 
 def _mT(x):
@@ -200,7 +175,7 @@ def _low_shape(mshape, sides, r):
 
 def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: Any = 128,
                     update_proj_gap: Any = 200, scale: Any = 0.25, proj_type: Any = "std",
-                    select=None, dimension_numbers=None, refresh: Any = "svd",
+                    select=None, matrix_axes=None, refresh: Any = "svd",
                     moments: str = "keep", second_moments: str = r"(^|/)(nu|hessian|h|v)$",
                     stagger: bool = False, sign_align: bool = False, projector_dtype=None,
                     key: Any = 0) -> optax.GradientTransformationExtraArgs:
@@ -221,9 +196,13 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
       update_proj_gap: per-leaf refresh period T (default 200).
       scale: per-leaf output scale alpha (default 0.25, the paper's; the reference class uses 1.0).
       proj_type: per-leaf 'std' (default), 'reverse_std', 'left', 'right' or 'full'.
-      select: which leaves are projected (``jaxeff.select`` selector); default every leaf with
-        at least 2 axes.
-      dimension_numbers: per-leaf :class:`MatrixDims`; default the last two axes, leading batch.
+      select: which leaves are projected (``jaxeff.select`` selector); default
+        ``jaxeff.select.is_weight_matrix`` (>= 2 axes, not a bias, norm scale or embedding).
+        Paths are the same for ``nnx.Variable``-wrapped and plain leaves (``nnx.Optimizer``).
+      matrix_axes: per-leaf ``(in_axes, out_axes)`` (``jaxeff.select.MatrixLayout``; a
+        ``select_values`` spec, or a flax NNX module whose layouts are read); default
+        ``MatrixLayout.for_leaf``: flax MHA kernels ``[D, H, hd]`` / ``[H, hd, D]`` as one
+        ``D x (H*hd)`` matrix, otherwise the last two axes with leading axes batched.
       refresh: 'svd' (exact f32 SVD, the reference), 'randomized' or ``Randomized(oversample,
         n_iter)`` (warm-started subspace iteration, ``projection.py``).
       moments: what happens to the inner state of a leaf when its projector changes: 'keep' (the
@@ -245,7 +224,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
     Raises:
       ValueError: rank <= 0 or larger than min(m, n) of a leaf, gap <= 0, unknown proj_type /
         refresh / moments, a selector matching no leaf, a selected leaf with < 2 axes.
-      TypeError: a bad selector or dimension_numbers.
+      TypeError: a bad selector or matrix_axes.
     """
     inner = optax.with_extra_args_support(inner if inner is not None
                                           else optax.scale_by_adam(eps=1e-6))
@@ -257,26 +236,26 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         raise ValueError(f"moments={moments!r}; valid: {MOMENT_POLICIES}")
     typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     base_key = key if typed or jnp.ndim(key) else jax.random.PRNGKey(key)
-    sel = select if select is not None else (lambda path, leaf: len(getattr(leaf, "shape", ())) >= 2)
+    sel = select if select is not None else is_weight_matrix
 
     def plan(tree, resolve_rank):
-        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        flat, _ = flatten_with_paths(tree)
         mask = jax.tree.leaves(select_mask(sel, tree, argname="select"))
         vals = [jax.tree.leaves(select_values(spec, tree, argname=name, allow_empty=True),
-                                is_leaf=lambda x: x is None or isinstance(x, MatrixDims))
+                                is_leaf=lambda x: x is None)
                 for spec, name in ((rank, "rank"), (update_proj_gap, "update_proj_gap"),
-                                   (scale, "scale"), (proj_type, "proj_type"),
-                                   (dimension_numbers, "dimension_numbers"))]
+                                   (scale, "scale"), (proj_type, "proj_type"))]
+        vals.append(matrix_axes_values(matrix_axes, tree))
         out = []
         for i, ((p, leaf), m) in enumerate(zip(flat, mask)):
             r, gap, sc, pt, dims = (v[i] for v in vals)
             if m and r is not None:
-                out.append(_leaf_plan(i, path_str(p), leaf, dims, r, gap if gap is not None else
+                out.append(_leaf_plan(i, p, leaf, dims, r, gap if gap is not None else
                                       200, sc if sc is not None else 0.25, pt or "std",
                                       resolve_rank))
         if not out:
             raise ValueError("GaLore projects no leaf: `select` and `rank` leave every leaf out; "
-                             f"leaf paths: {[path_str(p) for p, _ in flat[:12]]}")
+                             f"leaf paths: {[p for p, _ in flat[:12]]}")
         return out
 
     def low_tree(tree, leaves):
@@ -363,10 +342,9 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
                                                                   for lp, x in low])),
                                     is_leaf=compress.is_quantized)
         by_path = {lp.path: j for j, (lp, _) in enumerate(low)}
-        sflat, sdef = jax.tree_util.tree_flatten_with_path(inner_state, is_leaf=compress.is_quantized)
+        sflat, sdef = flatten_with_paths(inner_state, is_leaf=compress.is_quantized)
         out = []
-        for i, (sp, x) in enumerate(sflat):
-            s = path_str(sp)
+        for i, (s, x) in enumerate(sflat):
             hits = [p for p in by_path if s == p or s.endswith("/" + p)]
             quant = compress.is_quantized(x)
             j = by_path[max(hits, key=len)] if hits else None
@@ -391,7 +369,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
 
 def galore(learning_rate: optax.ScalarOrSchedule, inner: optax.GradientTransformation | None = None,
            rank: Any = 128, update_proj_gap: Any = 200, scale: Any = 0.25, proj_type: Any = "std",
-           weight_decay: Any = 0.0, mask=None, select=None, dimension_numbers=None,
+           weight_decay: Any = 0.0, mask=None, select=None, matrix_axes=None,
            refresh: Any = "svd", moments: str = "keep",
            second_moments: str = r"(^|/)(nu|hessian|h|v)$", stagger: bool = False,
            sign_align: bool = False, projector_dtype=None, key: Any = 0) -> optax.GradientTransformationExtraArgs:
@@ -418,7 +396,7 @@ def galore(learning_rate: optax.ScalarOrSchedule, inner: optax.GradientTransform
     wd_mask = None if mask is None else (lambda params: select_mask(mask, params, argname="mask"))
     return optax.chain(
         scale_by_galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                        proj_type=proj_type, select=select, dimension_numbers=dimension_numbers,
+                        proj_type=proj_type, select=select, matrix_axes=matrix_axes,
                         refresh=refresh, moments=moments, second_moments=second_moments,
                         stagger=stagger, sign_align=sign_align, projector_dtype=projector_dtype,
                         key=key),

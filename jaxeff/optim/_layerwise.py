@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff.select import Selector, path_str, select_mask, select_values
+from jaxeff.select import Selector, flatten_with_paths, select_mask, select_values
 
 __all__ = ["layerwise_scale", "layerwise", "slow_learner", "layer_multipliers",
            "leaf_depths", "scale_by_layer", "DEFAULT_LAYER_INDEX", "DEFAULT_STACKED",
@@ -120,11 +120,10 @@ def leaf_depths(tree, num_layers: Optional[int], *, depth=None,
     rx_idx = _compile(layer_index, "layer_index")
     rx_stk = _compile(stacked, "stacked")
     rx_emb = _compile(embed, "embed")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat, treedef = flatten_with_paths(tree)
     over = treedef.flatten_up_to(overrides) if overrides is not None else [None] * len(flat)
     out = []
-    for (p, leaf), d in zip(flat, over):
-        s = path_str(p)
+    for (s, leaf), d in zip(flat, over):
         if d is not None:
             if isinstance(d, bool) or not isinstance(d, numbers.Integral) or \
                     (L is not None and not 0 <= d <= L + 1):

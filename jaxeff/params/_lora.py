@@ -10,12 +10,24 @@ optimizer state. Unlike ``flax.nnx.LoRA`` (no alpha/r scaling, needs ``nnx.Optim
 this works on any params pytree::
 
     adapted = lora(rank=8, alpha=16, select=r"layers/(wq|wv)$").from_dense(key, params)
-    trainable, frozen = jaxeff.params.partition(adapted)          # base -> frozen
+    trainable, frozen = jaxeff.params.partition(adapted)   # only A, B train; the rest -> frozen
     loss = lambda t, b: model_loss(jaxeff.params.materialize(combine(t, frozen)), b)
     ...
     merged = LoRA.merge(adapted)                                   # plain dense params again
 
 or ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable_mask(adapted))``.
+``partition`` freezes every dense leaf of an adapted tree (embeddings, norms, biases, unadapted
+matrices); ``partition(adapted, train_dense=r"head")`` trains the named ones too.
+
+On a flax NNX model (``nnx.split`` / ``nnx.merge``; paths ignore the ``nnx.Param`` wrapper)::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    adapted = lora(rank=4).from_dense(key, params)          # default: every weight matrix
+    trainable, frozen = partition(adapted)
+    def loss(t, batch):
+        m = nnx.merge(graphdef, materialize(combine(t, frozen)), rest)
+        return model_loss(m, batch)
+    # after training: nnx.update(model, LoRA.merge(combine(trainable, frozen)))
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from jaxeff._checks import check_float, check_key, check_rank
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, map_matrices, materialize,
                                        specs_from, uniform)
+from jaxeff.select import resolve_rank
 
 __all__ = ["LoRAWeight", "LoRA", "lora"]
 
@@ -46,6 +60,7 @@ class LoRAWeight(StructuredWeight):
     layout: MatrixLayout = struct.field(pytree_node=False)
 
     trainable_fields = ("A", "B")
+    adapter = True
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,26 +103,29 @@ class LoRAWeight(StructuredWeight):
 class LoRA:
     """LoRA as a params transform (built by :func:`lora`)."""
 
-    rank: int
-    alpha: float
-    select: Any
-    dims: Any = None
+    rank: Any
+    alpha: Any = None
+    select: Any = None
+    matrix_axes: Any = None
 
     def from_dense(self, key: jax.Array, params):
         """Wrap selected leaves in adapters: A ~ U(+-1/sqrt(in)), B = 0 (adapted = base).
 
-        Raises ValueError for a rank larger than a matrix, a leaf with fewer than 2 axes, or a
-        selector matching nothing.
+        ``key``: a ``jax.random`` key or an int seed. Raises ValueError for a rank larger than a
+        matrix, a leaf with fewer than 2 axes, or a selector matching nothing; TypeError naming
+        ``key`` for a key of another type.
         """
+        key = check_key("key", key)
+
         def make(path, leaf, lay: MatrixLayout, k):
-            if self.rank > min(lay.m, lay.n):
-                raise ValueError(f"lora: rank={self.rank} is larger than the matrix of leaf "
-                                 f"'{path}' ({lay.m} x {lay.n}); valid 1..{min(lay.m, lay.n)}")
+            r = resolve_rank(self.rank, lay.m, lay.n, leaf=path, method="lora")
             b, bound = lay.batch_shape, 1.0 / math.sqrt(lay.m)
-            A = uniform(k, b + (lay.m, self.rank), leaf.dtype, -bound, bound)
-            B = jnp.zeros(b + (self.rank, lay.n), leaf.dtype)
-            return LoRAWeight(leaf, A, B, self.alpha / self.rank, lay)
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="lora")
+            A = uniform(k, b + (lay.m, r), leaf.dtype, -bound, bound)
+            B = jnp.zeros(b + (r, lay.n), leaf.dtype)
+            alpha = float(r) if self.alpha is None else self.alpha
+            return LoRAWeight(leaf, A, B, alpha / r, lay)
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="lora")
 
     init = from_dense
 
@@ -117,22 +135,23 @@ class LoRA:
         return materialize(tree)
 
 
-def lora(rank: int, alpha: float | None = None, *, select, dims=None) -> LoRA:
-    """Build LoRA adapters ``W' = W + (alpha/rank) * A @ B`` on the selected leaves.
+def lora(rank, alpha: float | None = None, *, select=None, matrix_axes=None) -> LoRA:
+    """Build LoRA adapters ``W' = W + (alpha/r) * A @ B`` on the selected leaves.
 
     Paper: "LoRA: Low-Rank Adaptation of Large Language Models" (Hu et al., 2021).
     Args:
-      rank: r, a positive int.
-      alpha: scale numerator (> 0); default ``rank`` (scale 1, what ``nnx.LoRA`` does).
-      select: leaves to adapt (``jaxeff.select`` selector; required).
-      dims: optional per-leaf ``(in_axes, out_axes)``.
+      rank: r, an int >= 1, or a float in (0, 1]: that fraction of ``min(m, n)`` of each matrix.
+      alpha: scale numerator (finite, > 0); default r (scale 1, what ``nnx.LoRA`` does).
+      select: leaves to adapt (``jaxeff.select`` selector); default
+        ``jaxeff.select.is_weight_matrix`` (no bias, norm scale or embedding).
+      matrix_axes: per-leaf ``(in_axes, out_axes)`` or a flax NNX module
+        (``jaxeff.select.MatrixLayout``); default: flax attention kernels as one matrix, other
+        leaves ``[..., in, out]``.
     Raises TypeError/ValueError naming the argument for a bad rank or alpha.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int; got {type(rank).__name__} {rank!r}")
-    if rank < 1:
-        raise ValueError(f"rank={rank}; must be >= 1")
-    alpha = float(rank) if alpha is None else alpha
-    if not isinstance(alpha, (int, float)) or not float(alpha) > 0:
-        raise ValueError(f"alpha={alpha!r}; must be > 0")
-    return LoRA(rank=rank, alpha=float(alpha), select=select, dims=dims)
+    rank = check_rank("rank", rank)
+    if alpha is not None:
+        alpha = check_float("alpha", alpha, 0.0, min_open=True)
+    elif isinstance(rank, int):
+        alpha = float(rank)       # a fractional rank takes alpha = r per leaf
+    return LoRA(rank=rank, alpha=alpha, select=select, matrix_axes=matrix_axes)

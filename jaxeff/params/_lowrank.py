@@ -11,7 +11,8 @@ Formulas (matrix ``W [in, out] = U diag(S) V^T``, singular values descending):
   (PELA's even split, so ``||L||_F = ||R||_F``);
   Eckart-Young: ``||W - L R||_F^2 = sum_{i>r} S_i^2``.
 * rank rules: a fixed ``rank``; ``'pela'``: ``r = in*out // (3*(in+out))`` (a third of the
-  parameters); ``fraction``: ``r = ceil(fraction * min(in, out))``; ``energy``: the smallest r with
+  parameters); ``fraction`` (or a float ``rank``): ``r = max(1, floor(fraction * min(in, out)))``
+  (``jaxeff.select.resolve_rank``, the rule of every jaxeff transform); ``energy``: the smallest r with
   ``sum_{i<=r} S_i^2 >= energy * sum_i S_i^2`` (data dependent: computed eagerly on the host; a
   stacked leaf takes the largest rank over its matrices, since factors need one static shape).
 * PELA loss = task + 0.1 * mean_l MSE(student feature_l, teacher feature_l)
@@ -23,6 +24,7 @@ Formulas (matrix ``W [in, out] = U diag(S) V^T``, singular values descending):
 Usage::
 
     factors = lowrank("pela", select=r"layers/w_(up|down)").from_dense(None, params)
+    factors = lowrank(0.25).from_dense(None, nnx_params)    # weight matrices, a quarter rank
     trainable, frozen = jaxeff.params.partition(factors)    # L, R train (SVFit: sigma only)
 
 ``method='randomized'`` (Halko et al. range finder: only matmuls on the full matrix) avoids the
@@ -43,6 +45,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, is_structured,
                                        map_matrices, materialize, normal, specs_from)
+from jaxeff._checks import check_key
+from jaxeff.select import resolve_rank as _fraction_rank
 
 __all__ = ["pela_rank", "resolve_rank", "truncated_svd", "LowRankWeight", "LowRank", "lowrank",
            "SVFitWeight", "SVFit", "svfit", "pela_feature_loss", "pela_weight_perturbation"]
@@ -60,7 +64,8 @@ def _check_rank_args(rank, fraction, energy) -> None:
         raise ValueError(f"give exactly one of rank, fraction, energy; got {given or 'none'}")
     if rank is not None and rank != "pela":
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank={rank!r}; valid: a positive int or 'pela'")
+            raise ValueError(f"rank={rank!r}; valid: a positive int, 'pela', or a float fraction "
+                             "in (0, 1] (lowrank/svfit take it as fraction=)")
     for name, v in (("fraction", fraction), ("energy", energy)):
         if v is not None and (not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0):
             raise ValueError(f"{name}={v!r}; must be in (0, 1]")
@@ -81,7 +86,7 @@ def resolve_rank(m: int, n: int, *, rank=None, fraction=None, energy=None,
     elif rank is not None:
         r = rank
     elif fraction is not None:
-        r = max(1, math.ceil(float(fraction) * k - 1e-9))
+        r = _fraction_rank(float(fraction), m, n)
     else:
         if singular_values is None:
             raise ValueError(f"energy={energy} needs the singular values of {name}: use "
@@ -176,7 +181,7 @@ class LowRank(_RankRule):
     """Low-rank factorization as a params transform (built by :func:`lowrank`)."""
 
     select: Any = None
-    dims: Any = None
+    matrix_axes: Any = None
 
     def from_dense(self, key, params):
         """Replace selected leaves by their truncated SVD ``L R`` (PELA's even split).
@@ -186,6 +191,7 @@ class LowRank(_RankRule):
         """
         if self.method == "randomized" and key is None:
             raise ValueError("method='randomized' needs a key")
+        key = None if key is None else check_key("key", key)
 
         def make(path, leaf, lay, k):
             U, S, Vt = self.svd(path, lay, lay.to_matrix(leaf).astype(jnp.float32), k)
@@ -193,7 +199,7 @@ class LowRank(_RankRule):
             L, R = U * root[..., None, :], root[..., :, None] * Vt
             return LowRankWeight(L.astype(leaf.dtype), R.astype(leaf.dtype), lay,
                                  jnp.dtype(leaf.dtype))
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="lowrank")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="lowrank")
 
     def init(self, key, params, std: Optional[float] = None):
         """Factors for training from scratch: ``L, R ~ N(0, (std^2/r)^(1/4))`` entrywise.
@@ -205,6 +211,7 @@ class LowRank(_RankRule):
         if self.energy is not None:
             raise ValueError("energy-based rank needs a dense weight: use from_dense, or give "
                              "rank= or fraction=")
+        key = check_key("key", key)
 
         def make(path, leaf, lay, k):
             r = resolve_rank(lay.m, lay.n, rank=self.rank, fraction=self.fraction,
@@ -218,7 +225,7 @@ class LowRank(_RankRule):
             R = f * normal(kr, b + (r, lay.n), jnp.float32)
             return LowRankWeight(L.astype(leaf.dtype), R.astype(leaf.dtype), lay,
                                  jnp.dtype(leaf.dtype))
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="lowrank")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="lowrank")
 
     @staticmethod
     def merge(tree):
@@ -226,25 +233,40 @@ class LowRank(_RankRule):
         return materialize(tree)
 
 
+def _split_rank(rank, fraction):
+    """A float ``rank`` is a fraction (one rank convention across jaxeff)."""
+    if isinstance(rank, float):
+        if fraction is not None:
+            raise ValueError(f"give exactly one of rank, fraction, energy; got rank={rank!r} "
+                             f"and fraction={fraction!r}")
+        return None, rank
+    return rank, fraction
+
+
 def lowrank(rank=None, *, fraction: Optional[float] = None, energy: Optional[float] = None,
-            select, dims=None, method: str = "exact") -> LowRank:
+            select=None, matrix_axes=None, method: str = "exact") -> LowRank:
     """Build the low-rank transform ``W ~ L @ R`` with one rank rule.
 
     Paper: "PELA: Learning Parameter-Efficient Models with Low-Rank Approximation" (2023).
     Args:
-      rank: a positive int, or ``'pela'`` for ``in*out // (3*(in+out))``.
-      fraction: rank as a fraction of ``min(in, out)``, in (0, 1].
+      rank: a positive int, ``'pela'`` for ``in*out // (3*(in+out))``, or a float in (0, 1]
+        (the same as ``fraction=``).
+      fraction: rank as a fraction of ``min(in, out)``, in (0, 1]: ``max(1, floor(f * k))``.
       energy: keep the smallest rank holding this fraction of ``sum S^2``, in (0, 1].
-      select: the leaves to factor (``jaxeff.select`` selector; required).
-      dims: optional per-leaf ``(in_axes, out_axes)``.
+      select: the leaves to factor (``jaxeff.select`` selector); default
+        ``jaxeff.select.is_weight_matrix`` (no bias, norm scale or embedding).
+      matrix_axes: per-leaf ``(in_axes, out_axes)`` or a flax NNX module
+        (``jaxeff.select.MatrixLayout``); default: flax attention kernels as one matrix, other
+        leaves ``[..., in, out]``.
       method: ``'exact'`` (default) or ``'randomized'`` SVD.
     Raises ValueError naming the argument when not exactly one rule is given or it is invalid.
     """
+    rank, fraction = _split_rank(rank, fraction)
     _check_rank_args(rank, fraction, energy)
     if method not in ("exact", "randomized"):
         raise ValueError(f"method={method!r}; valid: 'exact', 'randomized'")
     return LowRank(rank=rank, fraction=fraction, energy=energy, method=method, select=select,
-                   dims=dims)
+                   matrix_axes=matrix_axes)
 
 
 @struct.dataclass
@@ -259,6 +281,7 @@ class SVFitWeight(StructuredWeight):
     dtype: Any = struct.field(pytree_node=False)
 
     trainable_fields = ("sigma",)
+    adapter = True
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -281,12 +304,13 @@ class SVFit(_RankRule):
     """SVFit as a params transform (built by :func:`svfit`)."""
 
     select: Any = None
-    dims: Any = None
+    matrix_axes: Any = None
 
     def from_dense(self, key, params):
         """Replace selected leaves by ``SVFitWeight`` with ``sigma = S_r`` (so ``W(S_r) = W``)."""
         if self.method == "randomized" and key is None:
             raise ValueError("method='randomized' needs a key")
+        key = None if key is None else check_key("key", key)
 
         def make(path, leaf, lay, k):
             W = lay.to_matrix(leaf).astype(jnp.float32)
@@ -295,7 +319,7 @@ class SVFit(_RankRule):
             dt = leaf.dtype
             return SVFitWeight(U.astype(dt), S.astype(dt), Vt.astype(dt), resid.astype(dt), lay,
                                jnp.dtype(dt))
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="svfit")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="svfit")
 
     @staticmethod
     def merge(tree):
@@ -304,20 +328,21 @@ class SVFit(_RankRule):
 
 
 def svfit(rank=None, *, fraction: Optional[float] = None, energy: Optional[float] = None,
-          select, dims=None, method: str = "exact") -> SVFit:
+          select=None, matrix_axes=None, method: str = "exact") -> SVFit:
     """Build SVFit: freeze the top-r singular vectors, train only their singular values.
 
     Paper: "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular
     Values" (Sun et al., 2024). Default rule (none given): ``energy=0.99`` (the top r singular
     values hold 99% of ``sum S^2``). Args and errors as :func:`lowrank`.
     """
+    rank, fraction = _split_rank(rank, fraction)
     if rank is None and fraction is None and energy is None:
         energy = 0.99
     _check_rank_args(rank, fraction, energy)
     if method not in ("exact", "randomized"):
         raise ValueError(f"method={method!r}; valid: 'exact', 'randomized'")
     return SVFit(rank=rank, fraction=fraction, energy=energy, method=method, select=select,
-                 dims=dims)
+                 matrix_axes=matrix_axes)
 
 
 def pela_feature_loss(student_features: Sequence[jax.Array],

@@ -22,6 +22,17 @@ Usage::
     trainable, frozen = partition(factors)          # indices go to `frozen`
     loss = lambda t, batch: model_loss(materialize(combine(t, frozen)), batch)
 
+On a flax NNX model (``nnx.split`` / ``nnx.merge``; paths ignore the ``nnx.Param`` wrapper,
+``nnx.MultiHeadAttention`` kernels ``[D, H, hd]`` are one ``D x (H*hd)`` matrix)::
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    factors = sltrain(rank=0.25).init(key, params)     # weight matrices only (no bias/norm/embed)
+    trainable, frozen = partition(factors)
+    def loss(t, batch):
+        m = nnx.merge(graphdef, materialize(combine(t, frozen)), rest)
+        return model_loss(m, batch)
+    # after training: nnx.update(model, materialize(combine(trainable, frozen)))
+
 Kernel hook: :meth:`SLTrainWeight.factors` returns ``(A, B, scale, indices, values)`` so a fused
 sparse-plus-low-rank matmul (``jaxeff.kernels``) can consume the leaf without densifying it.
 """
@@ -37,8 +48,10 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
+from jaxeff._checks import check_float, check_key, check_rank
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, map_matrices, materialize,
                                        specs_from, uniform)
+from jaxeff.select import resolve_rank
 
 __all__ = ["SLTrainWeight", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS"]
 
@@ -150,17 +163,18 @@ class SLTrain:
     Built by :func:`sltrain`, which validates the arguments.
     """
 
-    rank: int
+    rank: Any
     density: float
     alpha: float
-    select: Any
-    dims: Any = None
+    select: Any = None
+    matrix_axes: Any = None
+
+    def _rank(self, path: str, layout: MatrixLayout) -> int:
+        return resolve_rank(self.rank, layout.m, layout.n, leaf=path, method="sltrain")
 
     def _check(self, path: str, layout: MatrixLayout) -> int:
         m, n = layout.m, layout.n
-        if self.rank > min(m, n):
-            raise ValueError(f"sltrain: rank={self.rank} is larger than the matrix of leaf "
-                             f"'{path}' ({m} x {n}); valid ranks are 1..{min(m, n)}")
+        self._rank(path, layout)
         if m * n > _INT32_MAX:
             raise ValueError(f"sltrain: leaf '{path}' has {m * n} entries per matrix; int32 "
                              f"support indices need fewer than 2**31")
@@ -173,21 +187,25 @@ class SLTrain:
     def init(self, key: jax.Array, params):
         """Replace selected leaves by SLTrain weights initialised as in the paper (W = S).
 
-        Only the shapes and dtypes of the selected leaves are used (works under
-        ``jax.eval_shape``). Raises ValueError for a selector matching nothing, a leaf with
-        fewer than two axes, or a rank larger than a matrix.
+        ``key``: a ``jax.random`` key or an int seed (``jax.random.key(seed)``). Only the shapes
+        and dtypes of the selected leaves are used (works under ``jax.eval_shape``). Raises
+        ValueError for a selector matching nothing, a leaf with fewer than two axes, or a rank
+        larger than a matrix; TypeError naming ``key`` for a key of another type.
         """
+        key = check_key("key", key)
+
         def make(path, leaf, lay: MatrixLayout, k):
             nnz = self._check(path, lay)
             ka, ki, kv = jax.random.split(k, 3)
-            b, m, n, r = lay.batch_shape, lay.m, lay.n, self.rank
+            b, m, n, r = lay.batch_shape, lay.m, lay.n, self._rank(path, lay)
             bound = 1.0 / math.sqrt(m)
             A = uniform(ka, b + (m, r), leaf.dtype, -bound, bound)
             B = jnp.zeros(b + (r, n), leaf.dtype)
             idx = _random_support(ki, b, m * n, nnz)
             vals = uniform(kv, b + (nnz,), leaf.dtype, -bound, bound)
             return SLTrainWeight(A, B, idx, vals, self.alpha / r, lay, jnp.dtype(leaf.dtype))
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="sltrain")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="sltrain")
 
     def from_dense(self, key: jax.Array, params, support: str = "random"):
         """Factor selected dense leaves: truncated SVD for the low-rank part, residual on S.
@@ -200,10 +218,12 @@ class SLTrain:
         """
         if support not in ("random", "magnitude"):
             raise ValueError(f"support={support!r}; valid: 'random', 'magnitude'")
+        key = check_key("key", key)
 
         def make(path, leaf, lay: MatrixLayout, k):
             nnz = self._check(path, lay)
-            b, r, s = lay.batch_shape, self.rank, self.alpha / self.rank
+            r = self._rank(path, lay)
+            b, s = lay.batch_shape, self.alpha / r
             W = lay.to_matrix(leaf).astype(jnp.float32)
             U, S, Vt = jnp.linalg.svd(W, full_matrices=False)
             root = jnp.sqrt(S[..., :r] / s)
@@ -218,7 +238,8 @@ class SLTrain:
             dt = leaf.dtype
             return SLTrainWeight(A.astype(dt), B.astype(dt), idx, vals.astype(dt), s, lay,
                                  jnp.dtype(dt))
-        return map_matrices(make, params, self.select, key=key, dims=self.dims, method="sltrain")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="sltrain")
 
     @staticmethod
     def merge(tree):
@@ -226,32 +247,31 @@ class SLTrain:
         return materialize(tree)
 
 
-def sltrain(rank: int, density: float = 0.03, alpha: float = 16.0, *, select,
-            dims=None) -> SLTrain:
-    """Build the SLTrain transform ``W = (alpha/rank) * A @ B + S``, S with ``density`` support.
+def sltrain(rank, density: float = 0.03, alpha: float = 16.0, *, select=None,
+            matrix_axes=None) -> SLTrain:
+    """Build the SLTrain transform ``W = (alpha/r) * A @ B + S``, S with ``density`` support.
 
     Paper: "SLTrain: a sparse plus low-rank approach for parameter and memory efficient
     pretraining" (Han et al., 2024). Defaults: ``density=0.03`` (delta), ``alpha=16`` (the
     130M/350M setting; see :func:`sltrain_preset` for the others).
 
     Args:
-      rank: r, a positive int (at most min(in, out) of every selected matrix).
+      rank: r, an int >= 1 (at most min(m, n) of every selected matrix) or a float in (0, 1]:
+        that fraction of ``min(m, n)`` of each matrix (``jaxeff.select.resolve_rank``); the scale
+        ``alpha / r`` then uses each leaf's own r.
       density: delta in (0, 1]: fraction of entries in the fixed sparse support.
-      alpha: the low-rank scale numerator, s = alpha / rank (> 0).
-      select: which leaves to replace (``jaxeff.select`` selector; required, e.g. a regex).
-      dims: optional per-leaf ``(in_axes, out_axes)`` (``select_values`` spec) for leaves that
-        are not ``[..., in, out]``.
+      alpha: the low-rank scale numerator, s = alpha / r (finite, > 0).
+      select: which leaves to replace (``jaxeff.select`` selector); default
+        ``jaxeff.select.is_weight_matrix`` (>= 2 axes; no bias, norm scale or embedding).
+      matrix_axes: per-leaf ``(in_axes, out_axes)`` or a flax NNX module
+        (``jaxeff.select.MatrixLayout``); default: flax attention kernels as one matrix, other
+        leaves ``[..., in, out]``.
     Raises:
-      TypeError / ValueError naming the argument for a non-int or non-positive rank, a density
-      outside (0, 1], or a non-positive alpha.
+      TypeError / ValueError naming the argument for a rank that is neither an int >= 1 nor a
+      fraction in (0, 1], a density outside (0, 1], or an alpha that is not a finite number > 0.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int; got {type(rank).__name__} {rank!r}")
-    if rank < 1:
-        raise ValueError(f"rank={rank}; must be >= 1")
-    if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise ValueError(f"density={density!r}; must be in (0, 1]")
-    if not isinstance(alpha, (int, float)) or not float(alpha) > 0:
-        raise ValueError(f"alpha={alpha!r}; must be > 0")
-    return SLTrain(rank=rank, density=float(density), alpha=float(alpha), select=select,
-                   dims=dims)
+    rank = check_rank("rank", rank)
+    density = check_float("density", density, 0.0, 1.0, min_open=True)
+    alpha = check_float("alpha", alpha, 0.0, min_open=True)
+    return SLTrain(rank=rank, density=density, alpha=alpha, select=select,
+                   matrix_axes=matrix_axes)

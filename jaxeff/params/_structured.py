@@ -33,26 +33,35 @@ when they are floating point. Two equivalent recipes::
 ``partition`` puts ``None`` in the holes (``None`` is an empty pytree, so ``jax.grad``, optax and
 ``jax.tree.map`` skip it); checkpoint the combined tree, whose leaves are all arrays.
 
+Only the adapters train on an adapted tree: when ``tree`` holds an adapter class (``adapter =
+True``: LoRA, SVFit, whose point is a frozen base model), dense leaves are frozen too (the base
+model's embeddings, norms, biases and unadapted matrices); pass ``train_dense=True`` (or a
+selector, e.g. ``train_dense=r"head|norm"``) to train some. Trees of other structured weights
+(SLTrain, low-rank: pre-training from scratch) train their floating dense leaves by default.
+
 Matrices and layouts
 --------------------
-Methods factor matrices. A leaf of shape ``[..., in, out]`` is a batch of matrices over its leading
-axes (``jaxeff.select.matrix_shape``); :class:`MatrixLayout` also accepts explicit dimension
-numbers ``(in_axes, out_axes)`` (e.g. an attention kernel ``[D, H, hd]`` as one ``D x (H*hd)``
-matrix with ``dims=((0,), (1, 2))``). Factors are stored in matrix form ``[*batch, m, n]``.
+Methods factor matrices, and by default select the weight matrices
+(``jaxeff.select.is_weight_matrix``: not biases, norm scales or embeddings). Each leaf is viewed
+through ``jaxeff.select.MatrixLayout`` (re-exported here): ``[..., in, out]`` is a batch of
+matrices over its leading axes, flax attention kernels ``[D, H, hd]`` are one ``D x (H*hd)``
+matrix, and ``matrix_axes=(in_axes, out_axes)`` (per leaf, or a flax module) says otherwise.
+Factors are stored in matrix form ``[*batch, m, n]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.select import path_str, select_mask, select_values
+from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, matrix_axes_values,
+                           select_mask)
 
 __all__ = ["StructuredWeight", "is_structured", "materialize", "trainable_mask", "partition",
            "combine", "MatrixLayout", "map_matrices", "structured_specs", "array_fields",
@@ -67,11 +76,14 @@ class StructuredWeight:
 
     * ``trainable_fields``: names of the array fields an optimizer updates (``None``: every
       floating-point field);
+    * ``adapter``: True for a fine-tuning adapter on a frozen base (LoRA, SVFit): a tree holding
+      one freezes its dense leaves by default (:func:`trainable_mask`);
     * ``factor_specs(dense_spec)``: the ``PartitionSpec`` of each field given the dense weight's
       spec, returned as an instance of the class holding specs (used by :func:`structured_specs`).
     """
 
     trainable_fields: ClassVar[Optional[tuple[str, ...]]] = None
+    adapter: ClassVar[bool] = False
 
     def materialize(self) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement materialize()")
@@ -100,39 +112,49 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def trainable_mask(tree, freeze=False):
+def trainable_mask(tree, freeze=False, *, train_dense=None):
     """A pytree of bools, ``True`` where an optimizer should update the array.
 
     Rule: a field of a structured leaf is trainable when listed in its ``trainable_fields`` (or,
-    when that is ``None``, when it is floating point); a dense leaf is trainable when floating
-    point. Leaves selected by ``freeze`` (a selector over the tree with structured leaves as
-    single entries, see ``jaxeff.select``) are frozen entirely.
+    when that is ``None``, when it is floating point); a floating-point dense leaf is trainable
+    when ``train_dense`` selects it. ``train_dense=None`` (default): no dense leaf when the tree
+    holds an adapter (``LoRAWeight``, ``SVFitWeight``: only the adapters train), every one
+    otherwise (SLTrain / low-rank pre-training trains embeddings and norms); ``True`` / ``False``
+    / a selector (``jaxeff.select``) say which. Leaves selected by ``freeze`` (a selector over the
+    tree with structured leaves as single entries) are frozen entirely.
 
     Returns a tree of the structure of ``tree`` (structured leaves become instances of their class
     holding bools), usable as ``optax.masked``/``optax.multi_transform`` labels.
-    Raises TypeError for a ``freeze`` selector of the wrong type.
+    Raises TypeError for a ``freeze`` or ``train_dense`` selector of the wrong type.
     """
     frozen = select_mask(freeze, tree, argname="freeze", allow_empty=True, is_leaf=is_structured)
+    if train_dense is None:
+        train_dense = not any(type(x).adapter for x in jax.tree.leaves(tree, is_leaf=is_structured)
+                              if is_structured(x))
+    dense_ok = select_mask(train_dense, tree, argname="train_dense", allow_empty=True,
+                           is_leaf=is_structured)
 
-    def leaf_mask(x, fz):
+    def leaf_mask(x, fz, ok):
         if is_structured(x):
             names = type(x).trainable_fields
             return x.replace(**{
                 f: (not fz) and (_is_float(getattr(x, f)) if names is None else f in names)
                 for f in array_fields(x)})
-        return (not fz) and _is_float(x)
+        return (not fz) and ok and _is_float(x)
 
-    return jax.tree.map(leaf_mask, tree, frozen, is_leaf=is_structured)
+    return jax.tree.map(leaf_mask, tree, frozen, dense_ok, is_leaf=is_structured)
 
 
-def partition(tree, freeze=False):
+def partition(tree, freeze=False, *, train_dense=None):
     """Split ``tree`` into ``(trainable, frozen)`` trees with ``None`` holes (equinox style).
 
     ``trainable`` holds the arrays :func:`trainable_mask` marks ``True`` (``None`` elsewhere),
     ``frozen`` the rest; ``combine(trainable, frozen)`` rebuilds ``tree``. Pass ``trainable`` to
-    ``jax.grad`` and ``tx.init``/``tx.update``; integer indices and frozen bases stay out.
+    ``jax.grad`` and ``tx.init``/``tx.update``; integer indices and frozen bases stay out. On a
+    LoRA-adapted tree only the adapters train unless ``train_dense`` says otherwise (see
+    :func:`trainable_mask`).
     """
-    mask = trainable_mask(tree, freeze)
+    mask = trainable_mask(tree, freeze, train_dense=train_dense)
     trainable = jax.tree.map(lambda x, m: x if m else None, tree, mask)
     frozen = jax.tree.map(lambda x, m: None if m else x, tree, mask)
     return trainable, frozen
@@ -145,105 +167,22 @@ def combine(*trees):
     return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
 
 
-@dataclasses.dataclass(frozen=True)
-class MatrixLayout:
-    """How a dense leaf is viewed as a batch of ``m x n`` matrices (a static, hashable field).
-
-    ``in_axes`` are merged into ``m``, ``out_axes`` into ``n``, the remaining axes (in order) are
-    batch axes. Default (:meth:`default`): the last two axes are the matrix, leading axes batch.
-    """
-
-    shape: tuple[int, ...]
-    in_axes: tuple[int, ...]
-    out_axes: tuple[int, ...]
-
-    @classmethod
-    def default(cls, shape: Sequence[int], name: str = "leaf") -> "MatrixLayout":
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2:
-            raise ValueError(
-                f"{name} has shape {shape}: a structured weight needs a matrix (at least 2 axes, "
-                f"[..., in, out]); select matrix leaves only, or pass dims=(in_axes, out_axes)")
-        return cls(shape, (len(shape) - 2,), (len(shape) - 1,))
-
-    @classmethod
-    def from_dims(cls, shape: Sequence[int], dims, name: str = "leaf") -> "MatrixLayout":
-        if dims is None:
-            return cls.default(shape, name)
-        shape = tuple(int(s) for s in shape)
-        try:
-            in_axes, out_axes = (tuple(int(a) % len(shape) for a in ax) for ax in dims)
-        except (TypeError, ValueError, ZeroDivisionError):
-            raise ValueError(f"dims for {name} must be (in_axes, out_axes), tuples of axis "
-                             f"indices of shape {shape}; got {dims!r}") from None
-        axes = in_axes + out_axes
-        if not in_axes or not out_axes or len(set(axes)) != len(axes):
-            raise ValueError(f"dims for {name} (shape {shape}) must name disjoint, non-empty "
-                             f"in_axes and out_axes; got {dims!r}")
-        return cls(shape, in_axes, out_axes)
-
-    @property
-    def batch_axes(self) -> tuple[int, ...]:
-        used = set(self.in_axes + self.out_axes)
-        return tuple(a for a in range(len(self.shape)) if a not in used)
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[a] for a in self.batch_axes)
-
-    @property
-    def m(self) -> int:
-        return math.prod(self.shape[a] for a in self.in_axes)
-
-    @property
-    def n(self) -> int:
-        return math.prod(self.shape[a] for a in self.out_axes)
-
-    @property
-    def _perm(self) -> tuple[int, ...]:
-        return self.batch_axes + self.in_axes + self.out_axes
-
-    def to_matrix(self, x: jax.Array) -> jax.Array:
-        """Dense leaf -> ``[*batch_shape, m, n]``."""
-        return jnp.transpose(x, self._perm).reshape(self.batch_shape + (self.m, self.n))
-
-    def from_matrix(self, x: jax.Array) -> jax.Array:
-        """``[*batch_shape, m, n]`` -> dense leaf of shape ``self.shape``."""
-        perm = self._perm
-        x = x.reshape(tuple(self.shape[a] for a in perm))
-        return jnp.transpose(x, tuple(int(i) for i in np.argsort(perm)))
-
-    def matrix_spec(self, dense_spec) -> tuple[tuple, Any, Any]:
-        """Split a dense ``PartitionSpec`` into ``(batch_specs, m_spec, n_spec)``.
-
-        A merged axis keeps the spec of its first axis when the others are unsharded, otherwise
-        it is replicated (``None``).
-        """
-        spec = tuple(dense_spec) + (None,) * (len(self.shape) - len(tuple(dense_spec)))
-
-        def merged(axes):
-            rest = [spec[a] for a in axes[1:]]
-            return spec[axes[0]] if all(s is None for s in rest) else None
-
-        return tuple(spec[a] for a in self.batch_axes), merged(self.in_axes), merged(self.out_axes)
-
-
-def map_matrices(fn: Callable, params, select, *, key=None, dims=None, method: str = "method"):
+def map_matrices(fn: Callable, params, select=None, *, key=None, matrix_axes=None,
+                 method: str = "method"):
     """Apply ``fn(path, leaf, layout, key)`` to every selected leaf; others pass through.
 
-    ``select`` is a ``jaxeff.select`` selector (raises ValueError when it matches nothing);
-    ``dims`` a per-leaf spec for ``select_values`` of ``(in_axes, out_axes)``; ``key`` is split
-    into one key per selected leaf (``None`` passed when ``key`` is None). Raises ValueError for
-    a selected leaf with fewer than two axes and no ``dims``.
+    ``select`` is a ``jaxeff.select`` selector (default ``is_weight_matrix``; raises ValueError
+    when it matches nothing); ``matrix_axes`` a per-leaf ``(in_axes, out_axes)`` spec or a flax
+    module (``jaxeff.select.matrix_axes_values``; default ``MatrixLayout.for_leaf``); ``key`` is
+    split into one key per selected leaf (``None`` passed when ``key`` is None). Paths ignore
+    ``nnx.Variable`` wrappers, so an ``nnx.split`` state works as a plain dict does. Raises
+    ValueError for a selected leaf with fewer than two axes and no ``matrix_axes``.
     """
-    mask = select_mask(select, params, argname="select", is_leaf=is_structured)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_structured)
+    sel_spec = is_weight_matrix if select is None else select
+    mask = select_mask(sel_spec, params, argname="select", is_leaf=is_structured)
+    flat, treedef = flatten_with_paths(params, is_leaf=is_structured)
     sel = treedef.flatten_up_to(mask)
-    if dims is None:
-        dms = [None] * len(flat)
-    else:
-        dms = treedef.flatten_up_to(select_values(dims, params, argname="dims",
-                                                  allow_empty=True, is_leaf=is_structured))
+    dms = matrix_axes_values(matrix_axes, params, is_leaf=is_structured)
     n_sel = sum(sel)
     keys = list(jax.random.split(key, n_sel)) if key is not None else [None] * n_sel
     out, i = [], 0
@@ -251,14 +190,17 @@ def map_matrices(fn: Callable, params, select, *, key=None, dims=None, method: s
         if not s:
             out.append(leaf)
             continue
-        name = f"{method}: leaf '{path_str(path)}'"
+        name = f"{method}: leaf '{path}'"
         if is_structured(leaf):
             raise TypeError(f"{name} is already a structured weight ({type(leaf).__name__}); "
                             f"materialize it first")
         if not hasattr(leaf, "shape"):
             raise TypeError(f"{name} is not an array (got {type(leaf).__name__})")
-        layout = MatrixLayout.from_dims(leaf.shape, d, name)
-        out.append(fn(path_str(path), leaf, layout, keys[i]))
+        try:
+            layout = MatrixLayout.for_leaf(path, leaf.shape, d)
+        except ValueError as e:
+            raise ValueError(f"{method}: {e}") from None
+        out.append(fn(path, leaf, layout, keys[i]))
         i += 1
     return jax.tree_util.tree_unflatten(treedef, out)
 

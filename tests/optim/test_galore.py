@@ -168,10 +168,10 @@ def test_identity_inner_at_full_rank_returns_scaled_gradient():
 
 
 def test_stacked_layers_and_matrix_dims_are_batches_of_matrices():
-    """[L, m, n] = L independent GaLore matrices; MatrixDims(rows=0, cols=(1, 2)) = a reshaped 2-D leaf."""
+    """[L, m, n] = L independent GaLore matrices; matrix_axes=((0,), (1, 2)) = a reshaped 2-D leaf."""
     stack, heads = _normal(0, (3, 12, 8)), _normal(1, (8, 2, 6))
     tx = G.scale_by_galore(rank=3, update_proj_gap=2,
-                           dimension_numbers=[("heads", G.MatrixDims(rows=0, cols=(1, 2)))])
+                           matrix_axes=[("heads", ((0,), (1, 2)))])
     grads = [{"stack": stack * (t + 1) + t, "heads": heads - t} for t in range(3)]
     flat = [{**{f"s{i}": g["stack"][i] for i in range(3)}, "h": g["heads"].reshape(8, 12)}
             for g in grads]

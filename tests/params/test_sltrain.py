@@ -144,8 +144,14 @@ def test_presets_and_bad_inputs():
             sltrain(4, select="w", **kw)
     with pytest.raises(ValueError, match="rank"):
         sltrain(0, select="w")
+    with pytest.raises(ValueError, match="rank"):
+        sltrain(2.5, select="w")                   # a float rank is a fraction in (0, 1]
     with pytest.raises(TypeError, match="rank"):
-        sltrain(2.5, select="w")
+        sltrain("4", select="w")
+    with pytest.raises(ValueError, match="alpha"):
+        sltrain(4, alpha=float("inf"), select="w")
+    with pytest.raises(TypeError, match="key"):
+        sltrain(2, select="w").init(0.5, _params())
     with pytest.raises(ValueError, match=r"rank=17 is larger than the matrix of leaf 'w'"):
         sltrain(17, select="w").init(jax.random.key(0), _params())
     with pytest.raises(ValueError, match="gives no nonzero"):

@@ -102,8 +102,13 @@ def test_partition_keeps_ints_and_frozen_bases_out_of_the_optimizer():
 def test_freeze_selector_and_multi_transform_on_lora():
     p = {k: v for k, v in _params().items() if k != "step"}        # all-float tree
     tree = lora(2, select=SEL).from_dense(jax.random.key(0), p)
-    mask = trainable_mask(tree, freeze="emb")
+    # an adapted tree trains only its adapters by default (issue 16); train_dense opts dense in
+    default = trainable_mask(tree)
+    assert not default["emb"] and not default["norm"] and not default["w"].base and default["w"].A
+    mask = trainable_mask(tree, freeze="emb", train_dense=True)
     assert not mask["emb"] and mask["norm"] and not mask["w"].base and mask["w"].A
+    some = trainable_mask(tree, train_dense="norm")
+    assert some["norm"] and not some["emb"] and some["w"].B
     tree = tree | {"w": tree["w"].replace(B=jnp.ones_like(tree["w"].B))}
     tx = optax.multi_transform({True: optax.sgd(0.1), False: optax.set_to_zero()}, mask)
     state = tx.init(tree)
@@ -120,7 +125,7 @@ def test_matrix_layout_default_and_dims_round_trip():
     lay = MatrixLayout.default(x.shape)
     assert (lay.batch_shape, lay.m, lay.n) == ((2, 3), 4, 5)
     np.testing.assert_array_equal(lay.from_matrix(lay.to_matrix(x)), x)
-    lay2 = MatrixLayout.from_dims(x.shape, ((1,), (0, 3)))
+    lay2 = MatrixLayout.from_axes(x.shape, ((1,), (0, 3)))
     assert (lay2.batch_shape, lay2.m, lay2.n) == ((4,), 3, 10)
     np.testing.assert_array_equal(lay2.from_matrix(lay2.to_matrix(x)), x)
     np.testing.assert_array_equal(lay2.to_matrix(x)[1], jnp.transpose(x[:, :, 1, :], (1, 0, 2))
@@ -129,7 +134,7 @@ def test_matrix_layout_default_and_dims_round_trip():
 
 def test_dims_turn_a_3d_kernel_into_one_matrix():
     p = {"attn": _randn(10, (8, 2, 4))}
-    out = lowrank(8, select="attn", dims=((0,), (1, 2))).from_dense(None, p)
+    out = lowrank(8, select="attn", matrix_axes=((0,), (1, 2))).from_dense(None, p)
     assert out["attn"].L.shape == (8, 8) and out["attn"].R.shape == (8, 8)
     np.testing.assert_allclose(materialize(out)["attn"], p["attn"], atol=1e-5)
 
@@ -138,10 +143,10 @@ def test_bad_selection_errors_name_the_problem():
     p = _params()
     with pytest.raises(ValueError, match="matches no leaf"):
         sltrain(2, select="nothing_here").init(jax.random.key(0), p)
-    with pytest.raises(ValueError, match=r"norm.*shape \(16,\).*dims"):
+    with pytest.raises(ValueError, match=r"norm.*shape \(16,\).*matrix_axes"):
         sltrain(2, 0.5, select="norm").init(jax.random.key(0), p)
-    with pytest.raises(ValueError, match="dims"):
-        lowrank(2, select="stack", dims=((0,), (0,))).from_dense(None, p)
+    with pytest.raises(ValueError, match="matrix_axes"):
+        lowrank(2, select="stack", matrix_axes=((0,), (0,))).from_dense(None, p)
     tree = lowrank(2, select="w").from_dense(None, p)
     with pytest.raises(TypeError, match="already a structured weight"):
         lowrank(2, select="w").from_dense(None, tree)
