@@ -67,7 +67,7 @@ import numpy as np
 
 Selector = Union[None, bool, str, Callable[[str, Any], bool], Any]
 
-__all__ = ["path_str", "paths", "flatten_with_paths", "select_mask", "select_values",
+__all__ = ["path_str", "paths", "flatten_with_paths", "strip_variables", "select_mask", "select_values",
            "matrix_shape", "count_selected", "NOT_A_MATRIX", "is_weight_matrix", "MatrixLayout",
            "matrix_axes_values", "flax_matrix_axes", "resolve_rank"]
 
@@ -128,6 +128,20 @@ def flatten_with_paths(tree, is_leaf=None) -> tuple[list[tuple[str, Any]], Any]:
         else:
             out.append((path_str(p), x))
     return out, jax.tree.structure(tree, is_leaf=is_leaf)
+
+
+def strip_variables(tree):
+    """``tree`` with every ``flax.nnx.Variable`` replaced by the value it holds (the structure
+    ``nnx.Optimizer`` passes to ``tx.update``); other trees are returned unchanged.
+
+    For states whose leaves become pytrees (compressed moments): a Variable must hold an array,
+    not a pytree, for ``nnx.Optimizer`` to write the state back.
+    """
+    var = _variable_type()
+    if var is None:
+        return tree
+    return jax.tree.map(lambda x: x.get_value() if isinstance(x, var) else x, tree,
+                        is_leaf=lambda x: isinstance(x, var))
 
 
 def paths(tree, is_leaf=None) -> list[str]:

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.select import select_mask, select_values
+from jaxeff.select import select_mask, select_values, strip_variables
 
 __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
            "group_dequantize", "quantize", "dequantize", "dre_exponent", "compress_state",
@@ -258,7 +258,9 @@ def compress_state(inner: optax.GradientTransformation, fmt: Any = "fp8", *, gro
                             state, xs)
 
     def init_fn(params):
-        return CompressedState(encode(inner.init(params)))
+        # nnx.Optimizer inits on nnx.Variables: a Variable must not end up holding a compressed
+        # node (a pytree), so the inner state is built on the plain arrays.
+        return CompressedState(encode(inner.init(strip_variables(params))))
 
     def update_fn(updates, state, params=None, **extra_args):
         ref = jax.eval_shape(inner.init, params if params is not None else updates)

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 
 from jaxeff.params._layers import gather_layers, layer_count
-from jaxeff.select import path_str, select_mask
+from jaxeff.select import flatten_with_paths, path_str, select_mask
 
 __all__ = ["keep_patterns", "init_depth_pruning", "sample_layer_mask", "argmax_layer_mask",
            "kept_layers", "gated_scan", "init_lora", "merge_lora", "temperature_schedule",
@@ -85,20 +85,20 @@ def init_lora(key: jax.Array, params, select, *, rank: int = 8):
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int; got {rank!r}")
     mask = select_mask(select, params, argname="lora")
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = flatten_with_paths(params)[0]
     out: dict = {}
     for i, ((p, x), hit) in enumerate(zip(flat, jax.tree.leaves(mask))):
         if not hit:
             continue
         if x.ndim < 2:
-            raise ValueError(f"lora selects leaf {path_str(p)} of shape {x.shape}; LoRA needs a "
+            raise ValueError(f"lora selects leaf {p} of shape {x.shape}; LoRA needs a "
                              "matrix (>= 2 axes)")
         *batch, m, n = x.shape
         bound = 1.0 / math.sqrt(m)
         a = jax.random.uniform(jax.random.fold_in(key, i), (*batch, m, rank), jnp.float32,
                                -bound, bound).astype(x.dtype)
         node = out
-        parts = path_str(p).split("/")
+        parts = p.split("/")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = {"a": a, "b": jnp.zeros((*batch, rank, n), x.dtype)}

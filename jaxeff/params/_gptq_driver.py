@@ -40,7 +40,7 @@ from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_so
                                  gptq_weight, hessian_update, quant_error)
 from jaxeff.params._quantized import QuantizedWeight, check_quant_args, stack_quantized
 from jaxeff.params._structured import is_structured
-from jaxeff.select import Selector, path_str, select_mask
+from jaxeff.select import Selector, flatten_with_paths, select_mask
 
 __all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "gptq_model",
            "calibration_batches", "default_token_mask"]
@@ -311,8 +311,7 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
     full_mask = {}
     if select is not None:
         mask = select_mask(select, params, is_leaf=is_structured)
-        flat, _ = jax.tree_util.tree_flatten_with_path(mask)
-        full_mask = {path_str(p): m for p, m in flat}
+        full_mask = dict(flatten_with_paths(mask)[0])
 
     hs = [_embed_fn(model.embed)(params, b) for b in batches]
     masks = [model.token_mask(b) for b in batches]

@@ -63,7 +63,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxeff.params._structured import StructuredWeight, is_structured, specs_from
-from jaxeff.select import Selector, path_str, select_mask
+from jaxeff.select import (MatrixLayout, Selector, flatten_with_paths, is_weight_matrix,
+                           matrix_axes_values, select_mask)
 
 __all__ = ["QuantizedWeight", "VALID_BITS", "codes_per_word", "pack", "unpack", "find_params",
            "quantize_codes", "rtn_weight", "rtn", "stack_quantized", "tree_nbytes",
@@ -120,6 +121,9 @@ class QuantizedWeight(StructuredWeight):
     bits: int = flax.struct.field(pytree_node=False)
     group_size: int = flax.struct.field(pytree_node=False)
     act_order: bool = flax.struct.field(pytree_node=False, default=False)
+    # The dense leaf's matrix view when it is not [..., IN, OUT] (``rtn(matrix_axes=...)``, flax
+    # attention kernels): ``shape`` is then the matrix shape and ``materialize`` maps back.
+    layout: Optional[MatrixLayout] = flax.struct.field(pytree_node=False, default=None)
 
     # Post-training codes: nothing here trains (jaxeff.params.trainable_mask).
     trainable_fields: ClassVar[tuple[str, ...]] = ()
@@ -127,8 +131,11 @@ class QuantizedWeight(StructuredWeight):
     def factor_specs(self, dense_spec) -> "QuantizedWeight":
         """Shardings from the dense ``[..., IN, OUT]`` spec: batch and OUT axes keep theirs; the
         packed/grouped IN axis is replicated (its length is no longer the dense one)."""
-        spec = tuple(dense_spec) + (None,) * (len(self.shape) - len(tuple(dense_spec)))
-        batch, out = spec[:-2], spec[-1]
+        if self.layout is not None:       # the dense spec is over the leaf, not the matrix
+            batch, _, out = self.layout.matrix_spec(dense_spec)
+        else:
+            spec = tuple(dense_spec) + (None,) * (len(self.shape) - len(tuple(dense_spec)))
+            batch, out = spec[:-2], spec[-1]
         return specs_from(self, packed=P(*batch, None, out), scale=P(*batch, None, out),
                           zero=P(*batch, None, out), perm=P(*batch, None))
 
@@ -138,8 +145,10 @@ class QuantizedWeight(StructuredWeight):
         return unpack(self.packed, self.bits, self.shape[-2])
 
     def materialize(self) -> jax.Array:
-        """Dequantize: ``W[perm[r]] = (q[r] - zero[r // group_size]) * scale[r // group_size]``."""
-        return _dequantize(self)
+        """Dequantize: ``W[perm[r]] = (q[r] - zero[r // group_size]) * scale[r // group_size]``
+        (then ``layout.from_matrix`` when the dense leaf has another layout)."""
+        w = _dequantize(self)
+        return w if self.layout is None else self.layout.from_matrix(w)
 
 
 @jax.jit
@@ -258,35 +267,43 @@ def _rtn_jit(w, *, bits, gs, sym, scale_dtype) -> QuantizedWeight:
 
 
 def rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = None, *,
-        sym: bool = False, pad: bool = False, scale_dtype=jnp.float32):
+        sym: bool = False, pad: bool = False, scale_dtype=jnp.float32, matrix_axes=None):
     """Round-to-nearest quantize the selected matrices of any pytree into :class:`QuantizedWeight`s.
 
     The RTN baseline of the GPTQ paper (Frantar et al., 2023): ``q = clip(round(w / scale) + zero,
     0, 2**bits - 1)`` per group of input rows. ``select`` follows ``jaxeff.select`` (regex over
-    the ``/``-joined path, predicate, pytree of bools); the default None takes every floating
-    leaf with at least 2 axes -- note that this includes embeddings and stacked norm scales
-    ``[L, D]``, so pass e.g. ``"layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$"`` for the paper's
-    setting (linear layers inside the blocks). Other args as :func:`rtn_weight`.
+    the ``/``-joined path, predicate, pytree of bools); the default None takes the weight
+    matrices (``jaxeff.select.is_weight_matrix``: floating leaves with >= 2 axes that are not
+    biases, norm scales or embedding tables). ``matrix_axes`` (per-leaf ``(in_axes, out_axes)``
+    or a flax NNX module; default ``MatrixLayout.for_leaf``: flax attention kernels ``[D, H, hd]``
+    as one ``D x (H*hd)`` matrix, otherwise ``[..., IN, OUT]``) says which axes are the input
+    (grouped, packed) and output of each matrix. Paths ignore ``nnx.Variable`` wrappers, so an
+    ``nnx.state(model, nnx.Param)`` quantizes like a dict. Other args as :func:`rtn_weight`.
 
     Raises ``ValueError`` when ``select`` matches no leaf, when an explicitly selected leaf is not
-    a floating array with at least 2 axes, or for bad ``bits``/``group_size``.
+    a floating array with at least 2 axes, for bad ``bits``/``group_size`` or bad ``matrix_axes``.
     """
     _check_bits(bits)
-    mask = select_mask(select, params, is_leaf=is_structured)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_structured)
+    mask = select_mask(is_weight_matrix if select is None else select, params,
+                       is_leaf=is_structured)
+    flat, treedef = flatten_with_paths(params, is_leaf=is_structured)
     flat_mask = treedef.flatten_up_to(mask)
+    axes = matrix_axes_values(matrix_axes, params, is_leaf=is_structured)
     out, n_done = [], 0
-    for (path, leaf), sel in zip(flat, flat_mask):
+    for (path, leaf), sel, ax in zip(flat, flat_mask, axes):
         is_mat = (hasattr(leaf, "ndim") and not is_structured(leaf) and leaf.ndim >= 2
                   and jnp.issubdtype(leaf.dtype, jnp.floating))
-        if sel and not is_mat and select is not None:
+        if sel and not is_mat:
             raise ValueError(
-                f"select={select!r} picks leaf {path_str(path)!r} "
+                f"select={select!r} picks leaf {path!r} "
                 f"({getattr(leaf, 'shape', type(leaf).__name__)}), which is not a floating "
                 f"matrix with at least 2 axes")
-        if sel and is_mat:
-            out.append(rtn_weight(leaf, bits, group_size, sym=sym, pad=pad,
-                                  scale_dtype=scale_dtype))
+        if sel:
+            lay = MatrixLayout.for_leaf(path, leaf.shape, ax)
+            plain = lay == MatrixLayout.default(leaf.shape)
+            qw = rtn_weight(leaf if plain else lay.to_matrix(leaf), bits, group_size, sym=sym,
+                            pad=pad, scale_dtype=scale_dtype)
+            out.append(qw if plain else qw.replace(layout=lay))
             n_done += 1
         else:
             out.append(leaf)
@@ -303,6 +320,9 @@ def stack_quantized(leaves: Sequence[QuantizedWeight]) -> QuantizedWeight:
     if not leaves:
         raise ValueError("stack_quantized needs at least one leaf")
     first = leaves[0]
+    if any(isinstance(q, QuantizedWeight) and q.layout is not None for q in leaves):
+        raise ValueError("stack_quantized needs [..., IN, OUT] leaves (layout None); quantize the "
+                         "stacked dense leaf instead")
     key = lambda q: (q.shape, q.dtype, q.bits, q.group_size, q.act_order)  # noqa: E731
     for i, q in enumerate(leaves):
         if not isinstance(q, QuantizedWeight) or key(q) != key(first):
