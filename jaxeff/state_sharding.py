@@ -32,8 +32,8 @@ Registered rules (``m x n`` is a param's matrix, its last two axes; ``b`` the le
   ``[b, r, n]`` low-rank update per step; a replicated moment would avoid that gather but hold
   the whole moment on every device); 'full' ``[b, r, r]`` keeps only the batch spec.
   Which param a projector belongs to is read from the shapes of the inner state (the leaves whose
-  moments differ from the param shape); leaves with non-default ``MatrixDims`` fall back to a
-  replicated projector.
+  moments differ from the param shape); leaves with a non-default ``matrix_axes`` layout fall back
+  to a replicated projector.
 * Compressed states (``compress.GroupQuantized[DRE]``): codes ``[lead, G, g]`` and per-group
   ``scale`` / ``k`` ``[lead, G]`` keep the param's spec on the ``lead`` axes; when the param shards
   one of the grouped tail axes, the group axis ``G`` is sharded with it. That is exactly the
@@ -461,7 +461,8 @@ def _structured_rule(field_specs):
         info = ctx.param
         if info is None or tuple(getattr(w, "shape", ())) != info.shape:
             return ctx.children(w)
-        b, ms, ns = w.layout.matrix_spec(P(*info.spec)) if hasattr(w, "layout") else _matrix(info)
+        lay = getattr(w, "layout", None)      # QuantizedWeight: None unless not [..., IN, OUT]
+        b, ms, ns = lay.matrix_spec(P(*info.spec)) if lay is not None else _matrix(info)
         specs = field_specs(w, ctx, info, tuple(b), ms, ns)
         return w.replace(**{f: None if getattr(w, f) is None else
                             ctx.sharding(_shape(getattr(w, f)), spec) for f, spec in specs.items()})
