@@ -12,8 +12,10 @@ Subpackages (each a flat namespace of functions and classes, optax's layout):
 * ``jaxeff.losses`` -- distillation and EFT losses.
 * ``jaxeff.models`` -- reference models (a LLaMA-style decoder) for experiments and tests.
 * ``jaxeff.kernels`` -- Pallas kernels with their ``jnp`` reference twins and dispatchers.
-* ``jaxeff.select`` (the one selector convention), ``jaxeff.train``, ``jaxeff.checkpoint``,
-  ``jaxeff.sharding``, ``jaxeff.state_sharding``, ``jaxeff.distributed``.
+* ``jaxeff.select`` (the one selector convention: one path per leaf with or without an
+  ``nnx.Variable``, ``is_weight_matrix`` -- the default selection of matrix transforms --, and
+  ``MatrixLayout`` / ``matrix_axes=``, the one matrix view), ``jaxeff.train``,
+  ``jaxeff.checkpoint``, ``jaxeff.sharding``, ``jaxeff.state_sharding``, ``jaxeff.distributed``.
 
 Subpackages load on first use (PEP 562), so ``import jaxeff`` itself does not import JAX::
 

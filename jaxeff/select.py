@@ -67,8 +67,8 @@ import numpy as np
 
 Selector = Union[None, bool, str, Callable[[str, Any], bool], Any]
 
-__all__ = ["path_str", "paths", "flatten_with_paths", "strip_variables", "select_mask", "select_values",
-           "matrix_shape", "count_selected", "NOT_A_MATRIX", "is_weight_matrix", "MatrixLayout",
+__all__ = ["path_str", "paths", "flatten_with_paths", "strip_variables", "select_mask",
+           "select_values", "matrix_shape", "count_selected", "NOT_A_MATRIX", "is_weight_matrix", "MatrixLayout",
            "matrix_axes_values", "flax_matrix_axes", "resolve_rank"]
 
 
@@ -224,7 +224,7 @@ def select_values(spec, tree, *, argname: str, default=None, allow_empty: bool =
 def _flat_values(spec, tree, *, argname, default=None, allow_empty=False, is_leaf=None):
     """``(treedef, [value per leaf])`` for :func:`select_values` (values may be tuples)."""
     flat, treedef = flatten_with_paths(tree, is_leaf)
-    if isinstance(spec, (list, tuple)) and spec and all(
+    if isinstance(spec, (list, tuple)) and all(
             isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], str) for r in spec):
         rules = [(_compile(rx, argname), v) for rx, v in spec]
         vals = [next((v for rx, v in rules if rx.search(p)), default) for p, _ in flat]

@@ -121,7 +121,8 @@ def test_flax_layouts_are_one_matrix_per_kernel():
     model = _model()
     state = nnx.state(model, nnx.Param)
     flat = dict(S.flatten_with_paths(state)[0])
-    q = S.MatrixLayout.for_leaf("blocks/0/attn/query/kernel", flat["blocks/0/attn/query/kernel"].shape)
+    q = S.MatrixLayout.for_leaf("blocks/0/attn/query/kernel",
+                                flat["blocks/0/attn/query/kernel"].shape)
     o = S.MatrixLayout.for_leaf("blocks/0/attn/out/kernel", flat["blocks/0/attn/out/kernel"].shape)
     assert (q.batch_shape, q.m, q.n) == ((), D, D) and (o.batch_shape, o.m, o.n) == ((), D, D)
     # The module's own layouts agree (LinearGeneral axes), and decide for nnx.Einsum.

@@ -40,7 +40,7 @@ import jax
 
 from jaxeff.params._layers import gather_layers, layer_count
 from jaxeff.params._widen import ROLES
-from jaxeff.select import path_str, select_mask
+from jaxeff.select import flatten_with_paths, select_mask
 
 __all__ = ["ElasticSize", "spec_units", "resolve_size", "extract_subnetwork", "elastic_loss"]
 
@@ -87,7 +87,7 @@ def _parse_spec(spec) -> dict:
 
 def _plan(params, spec: dict) -> dict:
     """``{dim: (n_units, {leaf_index: (axis, groups, path)})}``, validated against the shapes."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat = flatten_with_paths(params)[0]
     plans, owner = {}, {}
     for dim, (units, axes) in spec.items():
         plan = {}
@@ -96,7 +96,7 @@ def _plan(params, spec: dict) -> dict:
             for i, hit in enumerate(mask):
                 if not hit:
                     continue
-                p, x = path_str(flat[i][0]), flat[i][1]
+                p, x = flat[i]
                 key = (i, _norm_axis(axis, x, p, dim))
                 if key in owner:
                     raise ValueError(f"spec: axis {axis} of leaf {p} is claimed by both "

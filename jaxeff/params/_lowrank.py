@@ -12,9 +12,10 @@ Formulas (matrix ``W [in, out] = U diag(S) V^T``, singular values descending):
   Eckart-Young: ``||W - L R||_F^2 = sum_{i>r} S_i^2``.
 * rank rules: a fixed ``rank``; ``'pela'``: ``r = in*out // (3*(in+out))`` (a third of the
   parameters); ``fraction`` (or a float ``rank``): ``r = max(1, floor(fraction * min(in, out)))``
-  (``jaxeff.select.resolve_rank``, the rule of every jaxeff transform); ``energy``: the smallest r with
-  ``sum_{i<=r} S_i^2 >= energy * sum_i S_i^2`` (data dependent: computed eagerly on the host; a
-  stacked leaf takes the largest rank over its matrices, since factors need one static shape).
+  (``jaxeff.select.resolve_rank``, the rule of every jaxeff transform); ``energy``: the smallest
+  r with ``sum_{i<=r} S_i^2 >= energy * sum_i S_i^2`` (data dependent: computed eagerly on the
+  host; a stacked leaf takes the largest rank over its matrices, since factors need one static
+  shape).
 * PELA loss = task + 0.1 * mean_l MSE(student feature_l, teacher feature_l)
   + w * mean_matrices (max|L R - W_teacher| - 1e-3)^2   (:func:`pela_feature_loss`,
   :func:`pela_weight_perturbation`).
@@ -199,7 +200,8 @@ class LowRank(_RankRule):
             L, R = U * root[..., None, :], root[..., :, None] * Vt
             return LowRankWeight(L.astype(leaf.dtype), R.astype(leaf.dtype), lay,
                                  jnp.dtype(leaf.dtype))
-        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="lowrank")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="lowrank")
 
     def init(self, key, params, std: Optional[float] = None):
         """Factors for training from scratch: ``L, R ~ N(0, (std^2/r)^(1/4))`` entrywise.
@@ -225,7 +227,8 @@ class LowRank(_RankRule):
             R = f * normal(kr, b + (r, lay.n), jnp.float32)
             return LowRankWeight(L.astype(leaf.dtype), R.astype(leaf.dtype), lay,
                                  jnp.dtype(leaf.dtype))
-        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="lowrank")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="lowrank")
 
     @staticmethod
     def merge(tree):
@@ -319,7 +322,8 @@ class SVFit(_RankRule):
             dt = leaf.dtype
             return SVFitWeight(U.astype(dt), S.astype(dt), Vt.astype(dt), resid.astype(dt), lay,
                                jnp.dtype(dt))
-        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes, method="svfit")
+        return map_matrices(make, params, self.select, key=key, matrix_axes=self.matrix_axes,
+                            method="svfit")
 
     @staticmethod
     def merge(tree):

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.params._layers import _layout_of, _locate, _parts, _set, gather_layers, stacked_layers
-from jaxeff.select import path_str, select_mask
+from jaxeff.select import flatten_with_paths, select_mask
 
 __all__ = ["widen", "insert_identity_layers", "GrowthWarning", "ROLES"]
 
@@ -241,14 +241,14 @@ def widen(params, spec, sizes, *, mapping="cyclic", key: Optional[jax.Array] = N
             raise ValueError(f"sizes names dimension {dim!r}, which spec lacks; spec has "
                              f"{list(spec)}")
         units, axes = _dim_axes(spec, dim, units_now)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        flat, treedef = flatten_with_paths(params)
         plan = {}
         for rx, axis, role, groups in axes:
             mask = jax.tree.leaves(select_mask(rx, params, argname=f"spec[{dim!r}] regex"))
             for i, hit in enumerate(mask):
                 if not hit:
                     continue
-                p = path_str(flat[i][0])
+                p = flat[i][0]
                 if i in plan:
                     raise ValueError(f"spec[{dim!r}]: leaf {p} is selected by two axis entries")
                 x = flat[i][1]
