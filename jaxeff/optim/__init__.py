@@ -12,7 +12,8 @@ Example::
   ``group_quantize``, ``GroupQuantized``, ``GroupQuantizedDRE``, ``is_quantized``, ``quantize``,
   ``quantize_like``, ``quantize_state``.
 * GaLore low-rank gradient projection (Zhao et al. 2024): ``galore``, ``GaLoreState``,
-  ``MOMENT_POLICIES``, ``PROJ_TYPES``, ``scale_by_galore``.
+  ``MOMENT_POLICIES``, ``PROJ_TYPES``, ``scale_by_galore``,
+  ``scale_by_reference_adam`` (galore-torch's Adam, for ``reference_mode=True``).
 * diagonal-Hessian estimators for Sophia: ``GaussNewtonBartlett``, ``gnb``, ``Hutchinson``,
   ``hutchinson``.
 * layer-wise learning-rate decay and the SLCA slow learner: ``DEFAULT_EMBED``,
@@ -34,7 +35,7 @@ from jaxeff.optim._compress import (compress_state, CompressedState, dequantize,
                                     GroupQuantized, GroupQuantizedDRE, is_quantized, quantize,
                                     quantize_like, quantize_state)
 from jaxeff.optim._galore import (galore, GaLoreState, MOMENT_POLICIES, PROJ_TYPES,
-                                  scale_by_galore)
+                                  scale_by_galore, scale_by_reference_adam)
 from jaxeff.optim._hessian import GaussNewtonBartlett, gnb, Hutchinson, hutchinson
 from jaxeff.optim._layerwise import (DEFAULT_EMBED, DEFAULT_LAYER_INDEX, DEFAULT_STACKED,
                                      layer_multipliers, layerwise, layerwise_scale, leaf_depths,
@@ -53,7 +54,8 @@ __all__ = [
     "compress_state", "CompressedState", "dequantize", "describe_state", "dre_exponent",
     "FORMATS", "group_dequantize", "group_quantize", "GroupQuantized", "GroupQuantizedDRE",
     "is_quantized", "quantize", "quantize_like", "quantize_state", "galore", "GaLoreState",
-    "MOMENT_POLICIES", "PROJ_TYPES", "scale_by_galore", "GaussNewtonBartlett",
+    "MOMENT_POLICIES", "PROJ_TYPES", "scale_by_galore", "scale_by_reference_adam",
+    "GaussNewtonBartlett",
     "gnb", "Hutchinson", "hutchinson", "DEFAULT_EMBED", "DEFAULT_LAYER_INDEX",
     "DEFAULT_STACKED", "layer_multipliers", "layerwise", "layerwise_scale", "leaf_depths",
     "scale_by_layer", "slow_learner", "ema_params", "param_ema", "ParamEMAState",

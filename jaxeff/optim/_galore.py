@@ -19,6 +19,14 @@ arrays only (projectors for projected leaves alone, no ``(0, 0)`` placeholders),
 a randomized warm-started refresh that does not gather a sharded gradient; optional staggered
 refreshes and moment handling on refresh; ``optax.inject_hyperparams(galore)`` works without
 ``static_args`` (``rank`` is only read at ``init``; ``update`` takes it from the projector shapes).
+
+Default vs reference: the default inner is ``optax.scale_by_adam(eps=1e-6)``, which adds eps after
+bias correction, ``m_hat / (sqrt(v_hat) + eps)``, and :func:`galore` decays before the update.
+``reference_mode=True`` reproduces galore-torch's ``GaLoreAdamW`` step: the inner becomes
+:func:`scale_by_reference_adam` (betas (0.9, 0.999), eps 1e-6 added to ``sqrt(v)`` before bias
+correction, ``sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``), and :func:`galore` applies the
+decay to the updated weights, ``p <- p - lr u;  p <- p - lr wd p``. Singular vectors are defined up
+to sign; the reference keeps whatever sign its SVD returns, and so does this code.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff._checks import check_float
 from jaxeff.optim import _compress as compress
 from jaxeff.optim._projection import (Randomized, align_signs, randomized_projector,
                                       random_orthonormal, reproject_moment, resolve_refresh,
@@ -40,7 +49,7 @@ from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, m
 from jaxeff.select import resolve_rank as _matrix_rank
 
 __all__ = ["GaLoreState", "PROJ_TYPES", "MOMENT_POLICIES", "scale_by_galore",
-           "galore", "Randomized"]
+           "galore", "Randomized", "scale_by_reference_adam"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_POLICIES = ("keep", "reset", "reproject")
@@ -173,12 +182,72 @@ def _low_shape(mshape, sides, r):
     return mshape[:-2] + ((r if "left" in sides else m), (r if "right" in sides else n))
 
 
+def scale_by_reference_adam(b1: float = 0.9, b2: float = 0.999,
+                            eps: float = 1e-6) -> optax.GradientTransformation:
+    """Adam as galore-torch's ``AdamW`` computes it: eps added to ``sqrt(v)`` before bias correction.
+
+    ``m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
+    u = sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`` (t = 1, 2, ...), i.e. optax's
+    ``m_hat / (sqrt(v_hat) + eps / sqrt(1 - b2^t))``. The state is ``optax.ScaleByAdamState``.
+    Paper: Adam (Kingma & Ba, 2015) in the form of the GaLore reference (Zhao et al., 2024).
+
+    Args: ``b1`` (default 0.9), ``b2`` (default 0.999), ``eps`` (default 1e-6, galore-torch's).
+    Raises: ValueError for b1 or b2 outside [0, 1) or a negative eps; TypeError for a non-number.
+    """
+    b1 = check_float("scale_by_reference_adam: b1", b1, 0.0, 1.0, max_open=True)
+    b2 = check_float("scale_by_reference_adam: b2", b2, 0.0, 1.0, max_open=True)
+    eps = check_float("scale_by_reference_adam: eps", eps, 0.0)
+
+    def init_fn(params):
+        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        step = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        out = jax.tree.map(lambda m, v: (step * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_after_update(learning_rate, weight_decay, mask) -> optax.GradientTransformation:
+    """galore-torch's order: ``p1 = p - lr u;  p2 = p1 - lr wd p1``, as the update ``p2 - p``."""
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("galore(reference_mode=True) needs params in update() for its "
+                             "weight decay (tx.update(grads, state, params))")
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        keep = (jax.tree.map(lambda _: True, params) if mask is None
+                else select_mask(mask, params, argname="mask"))
+
+        def one(u, p, k):
+            stepped = p - lr * u
+            decay = lr * weight_decay * stepped if k else 0.0
+            return (-lr * u - decay).astype(u.dtype)
+
+        out = jax.tree.map(one, updates, params, keep)
+        return out, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: Any = 128,
                     update_proj_gap: Any = 200, scale: Any = 0.25, proj_type: Any = "std",
                     select=None, matrix_axes=None, refresh: Any = "svd",
                     moments: str = "keep", second_moments: str = r"(^|/)(nu|hessian|h|v)$",
                     stagger: bool = False, sign_align: bool = False, projector_dtype=None,
-                    key: Any = 0) -> optax.GradientTransformationExtraArgs:
+                    key: Any = 0,
+                    reference_mode: bool = False) -> optax.GradientTransformationExtraArgs:
     """Run ``inner`` on rank-r projections of the selected gradient matrices (GaLore scaling).
 
     Update rule: see the module docstring; leaves not selected go through ``inner`` unprojected
@@ -220,14 +289,17 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         run). Not in the paper.
       projector_dtype: dtype of P (default: the gradient's dtype, as the reference).
       key: int seed or PRNG key for the randomized refresh (folded with the step and leaf index).
+      reference_mode: default ``inner`` becomes :func:`scale_by_reference_adam` (galore-torch's
+        eps placement, betas (0.9, 0.999)); an explicit ``inner`` is used as given. Default False.
 
     Raises:
       ValueError: rank <= 0 or larger than min(m, n) of a leaf, gap <= 0, unknown proj_type /
         refresh / moments, a selector matching no leaf, a selected leaf with < 2 axes.
       TypeError: a bad selector or matrix_axes.
     """
-    inner = optax.with_extra_args_support(inner if inner is not None
-                                          else optax.scale_by_adam(eps=1e-6))
+    if inner is None:
+        inner = scale_by_reference_adam() if reference_mode else optax.scale_by_adam(eps=1e-6)
+    inner = optax.with_extra_args_support(inner)
     _check_spec(rank, _check_rank, "rank")
     _check_spec(update_proj_gap, _check_gap, "update_proj_gap")
     _check_spec(proj_type, _check_type, "proj_type")
@@ -372,7 +444,8 @@ def galore(learning_rate: optax.ScalarOrSchedule, inner: optax.GradientTransform
            weight_decay: Any = 0.0, mask=None, select=None, matrix_axes=None,
            refresh: Any = "svd", moments: str = "keep",
            second_moments: str = r"(^|/)(nu|hessian|h|v)$", stagger: bool = False,
-           sign_align: bool = False, projector_dtype=None, key: Any = 0) -> optax.GradientTransformationExtraArgs:
+           sign_align: bool = False, projector_dtype=None, key: Any = 0,
+           reference_mode: bool = False) -> optax.GradientTransformationExtraArgs:
     """GaLore with decoupled weight decay in the full space and a learning rate (GaLore-AdamW).
 
     ``p <- p - lr * (scale_by_galore(g) + weight_decay * p)``; the other arguments are those of
@@ -390,15 +463,20 @@ def galore(learning_rate: optax.ScalarOrSchedule, inner: optax.GradientTransform
       inner: the transform in projected space (default Adam, eps 1e-6).
       weight_decay: decoupled weight decay (default 0.0).
       mask: which leaves decay (``jaxeff.select`` selector; default all).
+      reference_mode: galore-torch's ``GaLoreAdamW`` step exactly (module docstring): inner
+        :func:`scale_by_reference_adam` unless ``inner`` is given, and the decay applied to the
+        updated weights, ``p <- (p - lr u)(1 - lr wd)``. Default False (decay before the update).
 
-    Raises: as :func:`scale_by_galore`; ValueError for a ``mask`` matching no leaf.
+    Raises: as :func:`scale_by_galore`; ValueError for a ``mask`` matching no leaf, and (in
+    ``reference_mode``) for an update called without params.
     """
     wd_mask = None if mask is None else (lambda params: select_mask(mask, params, argname="mask"))
-    return optax.chain(
-        scale_by_galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                        proj_type=proj_type, select=select, matrix_axes=matrix_axes,
-                        refresh=refresh, moments=moments, second_moments=second_moments,
-                        stagger=stagger, sign_align=sign_align, projector_dtype=projector_dtype,
-                        key=key),
-        optax.add_decayed_weights(weight_decay, wd_mask),
-        optax.scale_by_learning_rate(learning_rate))
+    core = scale_by_galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                           proj_type=proj_type, select=select, matrix_axes=matrix_axes,
+                           refresh=refresh, moments=moments, second_moments=second_moments,
+                           stagger=stagger, sign_align=sign_align, projector_dtype=projector_dtype,
+                           key=key, reference_mode=reference_mode)
+    if reference_mode:
+        return optax.chain(core, _decay_after_update(learning_rate, weight_decay, mask))
+    return optax.chain(core, optax.add_decayed_weights(weight_decay, wd_mask),
+                       optax.scale_by_learning_rate(learning_rate))
