@@ -3,10 +3,21 @@
     python -m experiments.speedrun                    # all recipes, 100 steps each, ~10 min on 2 cores
     python -m experiments.speedrun --quick            # 1-minute smoke run
     python -m experiments.speedrun --recipes baseline,sophia --steps 400 --model small
+    python -m experiments.speedrun --seeds 3          # 3 seeds: mean and 95% t-interval, ~30 min
 
 For each recipe it reports tokens and wall-clock to reach the baseline's final validation loss,
 the final validation loss, the bytes of parameters + optimizer state, and steps/s — as a table on
 stdout, ``summary.json`` and a PNG of validation loss against tokens, in ``runs/<timestamp>/``.
+
+Seeds (``--seeds N``, from ``--seed``): seed s sets model init, data order and the train state's
+key. Each seed's target is that seed's baseline final loss, so ratios are paired per seed. With
+N >= 2 every number is reported as the mean over seeds and a two-sided 95% Student-t interval,
+``mean +- t_{0.975, N-1} s / sqrt(N)`` (:func:`t_interval`), with t-interval bands in the plot and
+every seed's rows and histories in ``summary.json``. The default is N = 1: one seed of all
+recipes is the ~10-minute main job on 2 CPU cores; each further seed adds as much again, so
+intervals are for studies (``--seeds 3``, ``experiments/study_horizon.py``). ``summary.json``
+records the software and hardware that make numbers differ between machines
+(:func:`machine_info`).
 
 A recipe is a module in ``experiments/recipes/`` that defines ``RECIPE = Recipe(name,
 description, run)``; ``run(ctx)`` returns a :class:`RecipeResult`, usually by calling
@@ -262,24 +273,178 @@ def print_table(rows: list[dict], target: Optional[float]) -> str:
     return text
 
 
-def plot(results: dict[str, RecipeResult], path: str, target: Optional[float]):
+def t_interval(values, confidence: float = 0.95) -> dict:
+    """Mean and two-sided Student-t interval of independent samples (seeds).
+
+    ``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)``, ``s`` the sample standard deviation (ddof 1).
+    ``None`` entries (e.g. a target not reached) are counted in ``missing`` and make the interval
+    undefined (``lo = hi = None``; the mean is over the others), as is n < 2.
+
+    Returns ``{'mean', 'lo', 'hi', 'std', 'n', 'missing', 'method'}``.
+    """
+    vals = [float(v) for v in values if v is not None]
+    missing = len(list(values)) - len(vals)
+    out = {"mean": float(np.mean(vals)) if vals else None, "lo": None, "hi": None,
+           "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None, "n": len(vals),
+           "missing": missing, "method": f"student-t {confidence:.0%} two-sided"}
+    if len(vals) >= 2 and missing == 0:
+        from scipy import stats
+        half = float(stats.t.ppf((1 + confidence) / 2, len(vals) - 1)) * out["std"] / np.sqrt(len(vals))
+        out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+SEED_METRICS = ("final_val_loss", "tokens_to_target", "tokens_ratio", "wall_to_target_s",
+                "wall_ratio", "steps_per_s", "wall_s")
+
+
+def aggregate(rows_by_seed: dict) -> list[dict]:
+    """One row per recipe over seeds: the first seed's row with each of ``SEED_METRICS`` replaced
+    by its mean, plus ``ci95`` (:func:`t_interval` of each metric) and ``per_seed`` values. A
+    recipe missing in some seed (it failed there) is aggregated over the seeds it has."""
+    seeds = list(rows_by_seed)
+    names = []
+    for sd in seeds:
+        names += [r["recipe"] for r in rows_by_seed[sd] if r["recipe"] not in names]
+    out = []
+    for name in names:
+        rows = {sd: r for sd in seeds for r in rows_by_seed[sd] if r["recipe"] == name}
+        row = dict(next(iter(rows.values())))
+        row["seeds"] = list(rows)
+        row["per_seed"] = {m: [rows[sd][m] for sd in rows] for m in SEED_METRICS}
+        row["ci95"] = {m: t_interval(row["per_seed"][m]) for m in SEED_METRICS}
+        for m in SEED_METRICS:
+            row[m] = row["ci95"][m]["mean"]
+        out.append(row)
+    return out
+
+
+def _fmt_ci(ci, spec):
+    if ci is None or ci.get("mean") is None:
+        return "-"
+    text = format(ci["mean"], spec)
+    if ci.get("lo") is not None:
+        text += f" [{format(ci['lo'], spec)}, {format(ci['hi'], spec)}]"
+    elif ci.get("missing"):
+        text += f" ({ci['missing']} of {ci['n'] + ci['missing']} missing)"
+    return text
+
+
+def print_interval_table(rows: list[dict]) -> str:
+    """The per-recipe means with their 95% t-intervals (rows from :func:`aggregate`)."""
+    n = max(len(r["seeds"]) for r in rows)
+    lines = [f"mean [95% Student-t interval] over {n} seeds (target: each seed's baseline final loss)",
+             f"{'recipe':<14} {'final val':>26} {'tokens x base':>22} {'wall x base':>22}"]
+    lines.append("-" * len(lines[-1]))
+    for r in rows:
+        ci = r["ci95"]
+        lines.append(f"{r['recipe']:<14} {_fmt_ci(ci['final_val_loss'], '.4f'):>26} "
+                     f"{_fmt_ci(ci['tokens_ratio'], '.2f'):>22} {_fmt_ci(ci['wall_ratio'], '.2f'):>22}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(results: dict[str, RecipeResult], path: str, target: Optional[float],
+         results_by_seed: Optional[dict] = None, title: str = "jaxeff speedrun"):
+    """Validation loss against tokens; with ``results_by_seed`` (``{seed: {recipe: result}}``,
+    >= 2 seeds) the mean curve with a 95% t-interval band per evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    multi = results_by_seed is not None and len(results_by_seed) >= 2
     for name, r in results.items():
-        ax.plot([h["tokens"] for h in r.history], [h["val_loss"] for h in r.history],
-                marker="o", ms=3, label=name, lw=2.5 if name == "baseline" else 1.3)
+        lw = 2.5 if name == "baseline" else 1.3
+        if not multi:
+            ax.plot([h["tokens"] for h in r.history], [h["val_loss"] for h in r.history],
+                    marker="o", ms=3, label=name, lw=lw)
+            continue
+        hists = [res[name].history for res in results_by_seed.values() if name in res]
+        n = min(len(h) for h in hists)
+        tok = [hists[0][i]["tokens"] for i in range(n)]
+        cis = [t_interval([h[i]["val_loss"] for h in hists]) for i in range(n)]
+        (line,) = ax.plot(tok, [c["mean"] for c in cis], marker="o", ms=3, lw=lw,
+                          label=f"{name} (n={len(hists)})")
+        if all(c["lo"] is not None for c in cis):
+            ax.fill_between(tok, [c["lo"] for c in cis], [c["hi"] for c in cis],
+                            color=line.get_color(), alpha=0.2, lw=0)
     if target is not None:
-        ax.axhline(target, color="k", ls=":", lw=0.8, label="baseline final")
+        ax.axhline(target, color="k", ls=":", lw=0.8, label="baseline final" +
+                   (" (mean)" if multi else ""))
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("jaxeff speedrun")
+    ax.set_title(title + (" (95% t-interval bands)" if multi else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _cpuinfo() -> dict:
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "flags", "cpu MHz", "cache size", "vendor_id") and k not in info:
+                    info[k] = v.strip()
+    except OSError as e:
+        info["error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def machine_info() -> dict:
+    """What can make the same command give different numbers on two machines: jax/jaxlib/numpy
+    versions, BLAS, XLA flags and thread settings, CPU model and flags (``/proc/cpuinfo``)."""
+    import jaxlib
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"].get("blas")
+    except Exception as e:  # numpy < 1.25 or a build without the dict
+        blas = f"unknown ({type(e).__name__})"
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("XLA_", "JAX_", "TF_CPP")) or k in (
+               "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    cpu = _cpuinfo()
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "jax_backend": jax.default_backend(), "devices": len(jax.devices()),
+            "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "numpy": np.__version__, "optax": optax.__version__,
+            "blas": blas, "env": env, "cpu_model": cpu.get("model name"),
+            "cpu_vendor": cpu.get("vendor_id"), "cpu_cache": cpu.get("cache size"),
+            "cpu_flags": cpu.get("flags"), "cpuinfo_error": cpu.get("error")}
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+def run_seeds(ctx: SpeedrunContext, names: list, seeds: list, log=_log) -> tuple[dict, dict]:
+    """Run recipes ``names`` for each seed (``ctx.seed`` and ``ctx.out_dir`` set per seed: with
+    several seeds each writes to ``<out>/seed<s>/``). Returns ``({seed: {recipe: result}},
+    {seed: {recipe: error text}})``; a failing recipe is reported, the others still run."""
+    from experiments.recipes import load
+    base_out = ctx.out_dir
+    results, errors = {}, {}
+    for sd in seeds:
+        ctx.seed = sd
+        ctx.out_dir = base_out if len(seeds) == 1 else os.path.join(base_out, f"seed{sd}")
+        os.makedirs(ctx.out_dir, exist_ok=True)
+        results[sd], errors[sd] = {}, {}
+        for n in names:
+            t = time.perf_counter()
+            try:
+                results[sd][n] = load(n).run(ctx)
+            except Exception as e:  # a broken recipe is reported, and the job fails at the end
+                import traceback
+                traceback.print_exc()
+                errors[sd][n] = f"{type(e).__name__}: {e}"
+            log(f"  {n} (seed {sd}): done in {time.perf_counter() - t:.1f}s")
+    ctx.out_dir = base_out
+    return results, errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +486,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--lr", type=float, default=3e-3, help="baseline peak learning rate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (model init and data order)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds (seed, seed+1, ...); >= 2 reports means and 95%% "
+                        "t-intervals (default 1: the ~10-minute main job)")
     p.add_argument("--mesh", default=None, help="e.g. data=2,fsdp=4 (needs that many devices)")
     p.add_argument("--quick", action="store_true", help="1-minute smoke run")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
@@ -338,6 +506,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--recipes: unknown {unknown}; available: {available()}")
     if "baseline" in names:  # the baseline runs first: it sets the target
         names = ["baseline"] + [n for n in names if n != "baseline"]
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1; got {args.seeds}")
     ctx = build_context(args)
     print(f"jaxeff speedrun: model={args.model} ({llama.param_count(ctx.init_params()):,} params) "
           f"steps={ctx.steps} batch={ctx.batch_size}x{ctx.seq_len} recipes={names} -> {ctx.out_dir}",
@@ -346,34 +516,52 @@ def main(argv=None) -> dict:
                                       what=f"each recipe ({ctx.steps} steps)")
     print(f"  each recipe trains on at most {planned.tokens:,} target tokens = "
           f"{planned.epochs:.3f} epochs of the {ctx.unique_tokens:,}-token training split", flush=True)
-    results, errors = {}, {}
+    seeds = list(range(args.seed, args.seed + args.seeds))
     t0 = time.perf_counter()
-    for n in names:
-        t = time.perf_counter()
-        try:
-            results[n] = load(n).run(ctx)
-        except Exception as e:  # a broken recipe is reported, and the job fails at the end
-            import traceback
-            traceback.print_exc()
-            errors[n] = f"{type(e).__name__}: {e}"
-        print(f"  {n}: done in {time.perf_counter() - t:.1f}s", flush=True)
-    target = results["baseline"].history[-1]["val_loss"] if "baseline" in results else None
-    rows = summarize(results)
-    table = print_table(rows, target)
-    plot(results, os.path.join(ctx.out_dir, "val_loss.png"), target)
+    by_seed, errors_by_seed = run_seeds(ctx, names, seeds)
+    rows_by_seed, tables = {}, []
+    for sd in seeds:
+        res = by_seed[sd]
+        tgt = res["baseline"].history[-1]["val_loss"] if "baseline" in res else None
+        rows_by_seed[sd] = summarize(res)
+        if len(seeds) > 1:
+            print(f"seed {sd}:", flush=True)
+        tables.append(print_table(rows_by_seed[sd], tgt))
+    results = by_seed[seeds[0]]
+    errors = {(n if len(seeds) == 1 else f"{n}@seed{sd}"): e
+              for sd in seeds for n, e in errors_by_seed[sd].items()}
+    if len(seeds) == 1:
+        rows = rows_by_seed[seeds[0]]
+        target = results["baseline"].history[-1]["val_loss"] if "baseline" in results else None
+        table = tables[0]
+        print("one seed: no interval (--seeds N >= 2 reports means with 95% t-intervals)",
+              flush=True)
+    else:
+        rows = aggregate(rows_by_seed)
+        finals = [by_seed[sd]["baseline"].history[-1]["val_loss"] for sd in seeds
+                  if "baseline" in by_seed[sd]]
+        target = float(np.mean(finals)) if finals else None
+        table = "\n\n".join(tables + [print_interval_table(rows)])
+    plot(results, os.path.join(ctx.out_dir, "val_loss.png"), target,
+         results_by_seed=by_seed if len(seeds) > 1 else None)
     summary = {
         "command": " ".join(["python -m experiments.speedrun"] + (argv or sys.argv[1:])),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "jax_backend": jax.default_backend(),
-                    "devices": len(jax.devices())},
+        "machine": machine_info(),
         "model": dataclasses.asdict(ctx.cfg), "steps": ctx.steps, "batch_size": ctx.batch_size,
         "seq_len": ctx.seq_len, "tokens_per_step": ctx.tokens_per_step,
         "corpus": {"name": ctx.train_corpus.name,
                    "fingerprint": jdata.corpus_fingerprint(jdata.load_stdlib_corpus("all"))},
         "unique_train_tokens": ctx.unique_tokens, "planned_epochs": planned.epochs,
+        "seeds": seeds, "interval": "two-sided 95% Student-t over seeds (n-1 dof); "
+                                    "each seed's target is its own baseline's final loss",
         "target_val_loss": target, "rows": rows, "errors": errors,
         "histories": {k: v.history for k, v in results.items()},
+        "per_seed": {str(sd): {"target_val_loss": (by_seed[sd]["baseline"].history[-1]["val_loss"]
+                                                   if "baseline" in by_seed[sd] else None),
+                               "rows": rows_by_seed[sd], "errors": errors_by_seed[sd],
+                               "histories": {k: v.history for k, v in by_seed[sd].items()}}
+                     for sd in seeds},
         "total_wall_s": time.perf_counter() - t0, "table": table,
     }
     with open(os.path.join(ctx.out_dir, "summary.json"), "w") as f:
