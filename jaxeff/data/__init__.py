@@ -10,6 +10,10 @@ Example::
   (a Document from a str or a plain ``{"text": ...}`` dict), ``Corpus``,
   ``corpus_fingerprint``, ``Document``, ``load_jsonl``, ``load_stdlib_corpus``,
   ``load_text_files``, ``split_corpus``, ``SPLITS``, ``stdlib_files``.
+* larger local corpora (installed packages' sources, deduplicated; English text files; the
+  shared tinyshakespeare) and a locally trained BPE: ``find_shared_data``,
+  ``load_site_packages_corpus``, ``load_text_file_corpus``, ``load_tinyshakespeare``,
+  ``site_packages_files``, ``TINYSHAKESPEARE_SHA256``, ``train_bpe_tokenizer``.
 * exact and near-duplicate removal: ``exact_duplicates``, ``kmeans``, ``lsh_params``,
   ``minhash_signatures``, ``near_duplicates``, ``semantic_duplicates``, ``shingle_hashes``.
 * epoch accounting and the repetition warning: ``check_repetition``, ``CountingIterator``,
@@ -40,6 +44,9 @@ Example::
 from jaxeff.data._corpus import (as_document, Corpus, corpus_fingerprint, Document, load_jsonl,
                                  load_stdlib_corpus, load_text_files, split_corpus, SPLITS,
                                  stdlib_files)
+from jaxeff.data._corpora import (find_shared_data, load_site_packages_corpus,
+                                  load_text_file_corpus, load_tinyshakespeare, site_packages_files,
+                                  TINYSHAKESPEARE_SHA256, train_bpe_tokenizer)
 from jaxeff.data._dedup import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
                                 near_duplicates, semantic_duplicates, shingle_hashes)
 from jaxeff.data._epochs import (check_repetition, CountingIterator, EpochCounter, EpochReport,
@@ -67,7 +74,10 @@ from jaxeff.data._tokenizer import (BPETokenizer, BYTE_BOS_ID, BYTE_EOS_ID, BYTE
 
 __all__ = [
     "as_document", "Corpus", "corpus_fingerprint", "Document", "load_jsonl", "load_stdlib_corpus",
-    "load_text_files", "split_corpus", "SPLITS", "stdlib_files", "exact_duplicates", "kmeans",
+    "load_text_files", "split_corpus", "SPLITS", "stdlib_files", "find_shared_data",
+    "load_site_packages_corpus", "load_text_file_corpus", "load_tinyshakespeare",
+    "site_packages_files", "TINYSHAKESPEARE_SHA256", "train_bpe_tokenizer", "exact_duplicates",
+    "kmeans",
     "lsh_params", "minhash_signatures", "near_duplicates", "semantic_duplicates",
     "shingle_hashes", "check_repetition", "CountingIterator", "EpochCounter", "EpochReport",
     "RepeatedDataWarning", "repetition_report", "unique_target_tokens",
