@@ -9,7 +9,8 @@ Neither downloads anything. Both are deterministic (sorted file order; the hash 
   (``test``, ``tests``, ``testing``), files over ``max_file_bytes`` (generated tables) and empty
   files. Meta: ``id`` = ``path`` (relative to the root), ``package`` and ``version`` of the
   distribution whose ``RECORD`` lists the file (``importlib.metadata``; ``'unknown'`` / ``None``
-  for files no distribution claims), ``domain`` = ``package``. Duplicates are removed before the
+  for files no distribution claims), ``module`` (dotted path, as the stdlib corpus), ``domain`` =
+  ``package``. Duplicates are removed before the
   split: exact ones (:func:`jaxeff.data.exact_duplicates`, whitespace-normalised), then near
   ones (:func:`jaxeff.data.near_duplicates`, MinHash-LSH over the leading ``dedup_bytes`` of
   each file, estimated Jaccard >= ``dedup_threshold``); the first file (in path order) of each
@@ -90,8 +91,11 @@ def _read_site_packages(root: str, max_file_bytes: int, dedup_threshold: float,
         if not text.strip():
             continue
         package, version = owners.get(rel, ("unknown", None))
-        docs.append(Document(text, {"id": rel, "path": rel, "package": package,
-                                    "version": version, "domain": package}))
+        parts = rel[:-3].split("/")
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+        docs.append(Document(text, {"id": rel, "path": rel, "module": module,
+                                    "package": package, "version": version,
+                                    "domain": package}))
     stats = {"files": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs)}
     if not docs:
         return (), stats
@@ -117,7 +121,7 @@ def load_site_packages_corpus(split: str = "train", val_fraction: float = 0.05, 
 
     The read and dedup (20 s of CPU here: 6,312 files, 98.6 MB read; 138 exact and 362 near
     duplicates dropped, 5,812 files, 94.5 MB kept) are cached per process. The
-    corpus name records the root's base name and the document count; ``corpus.stats`` holds
+    corpus name records the document count (``site-packages-<n>``); ``corpus.stats`` holds
     the file, byte and duplicate counts.
 
     Args:

@@ -52,7 +52,7 @@ def test_site_packages_corpus_metadata_dedup_and_split(tmp_path):
     assert c.stats["exact_duplicates"] == 1 and c.stats["near_duplicates"] == 1
     meta = {d.meta["path"]: d.meta for d in c}
     assert meta["alpha/core.py"]["package"] == "alpha" and meta["alpha/core.py"]["version"] == "1.2.3"
-    assert meta["alpha/core.py"]["domain"] == "alpha"
+    assert meta["alpha/core.py"]["domain"] == "alpha" and meta["alpha/__init__.py"]["module"] == "alpha"
     assert meta["loose.py"]["package"] == "unknown" and meta["loose.py"]["version"] is None
     # without the near-duplicate pass the copy stays
     c1 = jdata.load_site_packages_corpus("all", root=root, max_file_bytes=4000,
