@@ -289,7 +289,8 @@ def t_interval(values, confidence: float = 0.95) -> dict:
            "missing": missing, "method": f"student-t {confidence:.0%} two-sided"}
     if len(vals) >= 2 and missing == 0:
         from scipy import stats
-        half = float(stats.t.ppf((1 + confidence) / 2, len(vals) - 1)) * out["std"] / np.sqrt(len(vals))
+        t = float(stats.t.ppf((1 + confidence) / 2, len(vals) - 1))
+        half = t * out["std"] / np.sqrt(len(vals))
         out["lo"], out["hi"] = out["mean"] - half, out["mean"] + half
     return out
 
@@ -333,13 +334,15 @@ def _fmt_ci(ci, spec):
 def print_interval_table(rows: list[dict]) -> str:
     """The per-recipe means with their 95% t-intervals (rows from :func:`aggregate`)."""
     n = max(len(r["seeds"]) for r in rows)
-    lines = [f"mean [95% Student-t interval] over {n} seeds (target: each seed's baseline final loss)",
+    lines = [f"mean [95% Student-t interval] over {n} seeds "
+             "(target: each seed's baseline final loss)",
              f"{'recipe':<14} {'final val':>26} {'tokens x base':>22} {'wall x base':>22}"]
     lines.append("-" * len(lines[-1]))
     for r in rows:
         ci = r["ci95"]
         lines.append(f"{r['recipe']:<14} {_fmt_ci(ci['final_val_loss'], '.4f'):>26} "
-                     f"{_fmt_ci(ci['tokens_ratio'], '.2f'):>22} {_fmt_ci(ci['wall_ratio'], '.2f'):>22}")
+                     f"{_fmt_ci(ci['tokens_ratio'], '.2f'):>22} "
+                     f"{_fmt_ci(ci['wall_ratio'], '.2f'):>22}")
     text = "\n".join(lines)
     print(text, flush=True)
     return text
@@ -389,7 +392,8 @@ def _cpuinfo() -> dict:
             for line in f:
                 k, _, v = line.partition(":")
                 k = k.strip()
-                if k in ("model name", "flags", "cpu MHz", "cache size", "vendor_id") and k not in info:
+                wanted = ("model name", "flags", "cpu MHz", "cache size", "vendor_id")
+                if k in wanted and k not in info:
                     info[k] = v.strip()
     except OSError as e:
         info["error"] = f"{type(e).__name__}: {e}"

@@ -74,6 +74,9 @@ EQUAL = {"galore": "GaLore: full-rank loss with less optimizer memory (Zhao et a
          "sparse-75": "75% gradual pruning: dense loss at equal tokens (stronger than Jin et al. "
                       "2025's average-parameter claim)"}
 EQUAL_MARGIN = 0.01      # relative final-loss margin of the equal-loss claims
+# the plain Grain pipeline's single-thread rate in the default main job
+# (experiments/results/speedrun_default.json, meco's pipeline_plain_tokens_per_s)
+PIPELINE_TOKENS_PER_S = 643_648
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -101,8 +104,8 @@ SETTINGS = {
                    note="2-core CPU, ~60 min on an idle machine"),
     # ~20 tokens per parameter: tiny 1.05M params x 20 = 21M tokens = 1,000 steps of 80 x 256;
     # small 3.25M x 20 = 65M = 1,000 steps of 256 x 256 (the site-packages corpus: 87M train
-    # tokens, so < 1 epoch; the 10.3M-token stdlib split would repeat 6x). The lr sweep runs on tiny only
-    # (200 steps, seed 0); small reuses tiny's choice.
+    # tokens, so < 1 epoch; the 10.3M-token stdlib split would repeat 6x). The lr sweep runs on
+    # tiny only (200 steps, seed 0); small reuses tiny's choice.
     "gpu": Setting(models=("tiny", "small"), batch_size=0, seq_len=256,
                    steps={"tiny": 1000, "small": 1000}, eval_every=100, eval_batches=16,
                    seeds=3, sweep_steps=200, sweep_mults=(0.5, 1.0, 2.0),
@@ -209,9 +212,12 @@ def plan(setting: Setting, recipes, calib: Optional[dict]) -> dict:
                     est = n * (c["fixed_s"] + passes * (steps * c["per_step_s"]
                                                         + evals * c["per_eval_s"]))
                     total += est
+                bs = setting.batch_size or GPU_BATCH[model]
                 runs.append({"model": model, "recipe": r, "kind": kind, "steps": steps,
-                             "runs": n, "est_s": est})
-    return {"runs": runs, "est_total_s": total if calib else None}
+                             "runs": n, "est_s": est,
+                             "tokens": n * passes * steps * bs * setting.seq_len})
+    return {"runs": runs, "est_total_s": total if calib else None,
+            "tokens": sum(r["tokens"] for r in runs)}
 
 
 def _latest_smoke() -> Optional[dict]:
@@ -298,12 +304,15 @@ def main(argv=None) -> dict:
     if bad or "baseline" not in recipes:
         raise SystemExit(f"--recipes must include baseline and come from {RECIPES}; got {recipes}")
     recipes = ["baseline"] + [r for r in recipes if r != "baseline"]
-    calib = _latest_smoke()
+    calib = _latest_smoke() if mode == "cpu" else None   # the smoke calibrates the CPU run
     planned = plan(setting, recipes, calib)
     est = planned["est_total_s"]
-    _log(f"study_horizon[{mode}]: {setting}\n  {sum(r['runs'] for r in planned['runs'])} runs; "
+    _log(f"study_horizon[{mode}]: {setting}\n  {sum(r['runs'] for r in planned['runs'])} runs, "
+         f"{planned['tokens'] / 1e6:,.1f}M training tokens (the data pipeline alone: "
+         f"{planned['tokens'] / PIPELINE_TOKENS_PER_S / 60:.1f} min at one core's "
+         f"{PIPELINE_TOKENS_PER_S:,} tokens/s); "
          + (f"estimated {est / 60:.1f} min from the last smoke's timings" if est is not None
-            else "no smoke timings yet for an estimate (run --smoke first)"))
+            else "no time estimate (CPU: run --smoke first; GPU: not measured)"))
     if args.plan:
         for r in planned["runs"]:
             _log(f"  {r['model']:<6} {r['recipe']:<12} {r['kind']:<5} {r['runs']} x {r['steps']} "
@@ -326,7 +335,8 @@ def main(argv=None) -> dict:
         ctx = make_context(setting, model, out)
         n_params = llama.param_count(ctx.init_params())
         _log(f"== {model}: {n_params:,} params, {ctx.batch_size}x{ctx.seq_len} tokens/step, "
-             f"{setting.steps[model]} steps = {setting.steps[model] * ctx.tokens_per_step:,} tokens "
+             f"{setting.steps[model]} steps = "
+             f"{setting.steps[model] * ctx.tokens_per_step:,} tokens "
              f"({setting.steps[model] * ctx.tokens_per_step / n_params:.2f} per param), corpus "
              f"{ctx.train_corpus.name} ({ctx.unique_tokens:,} train tokens)")
         sweep = {}
@@ -365,12 +375,13 @@ def main(argv=None) -> dict:
         rows_by_seed = {sd: speedrun.summarize(long[sd]) for sd in seeds if "baseline" in long[sd]}
         rows = speedrun.aggregate(rows_by_seed)
         base_row = next(r for r in rows if r["recipe"] == "baseline")
-        for r in rows:
-            diffs = [next((x["final_val_loss"] for x in rows_by_seed[sd] if x["recipe"] == r["recipe"]),
-                          None) - next(x["final_val_loss"] for x in rows_by_seed[sd]
-                                       if x["recipe"] == "baseline")
-                     if any(x["recipe"] == r["recipe"] for x in rows_by_seed[sd]) else None
-                     for sd in rows_by_seed]
+        def final(sd, name):
+            return next((x["final_val_loss"] for x in rows_by_seed[sd] if x["recipe"] == name),
+                        None)
+
+        for r in rows:   # paired per seed: recipe final loss - that seed's baseline final loss
+            diffs = [None if final(sd, r["recipe"]) is None
+                     else final(sd, r["recipe"]) - final(sd, "baseline") for sd in rows_by_seed]
             r["final_loss_diff"] = speedrun.t_interval(diffs)
             r["lr_mult"] = chosen_mult[r["recipe"]]
             if r["recipe"] == "baseline":
@@ -393,7 +404,8 @@ def main(argv=None) -> dict:
              f"{len(rows_by_seed)} seeds; final-loss difference vs baseline; verdict")
         for r in rows:
             tr, df = r["ci95"]["tokens_ratio"], r["final_loss_diff"]
-            _log(f"  {r['recipe']:<12} lr x{r['lr_mult']:<4g} ratio {speedrun._fmt_ci(tr, '.3f'):<28}"
+            _log(f"  {r['recipe']:<12} lr x{r['lr_mult']:<4g} "
+                 f"ratio {speedrun._fmt_ci(tr, '.3f'):<28}"
                  f" dloss {speedrun._fmt_ci(df, '+.4f'):<30} bytes x{r['bytes_ratio']:.2f}  "
                  f"{r['verdict']}")
     total = time.perf_counter() - t0
