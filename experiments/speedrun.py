@@ -321,8 +321,10 @@ def aggregate(rows_by_seed: dict) -> list[dict]:
 
 
 def _fmt_ci(ci, spec):
-    if ci is None or ci.get("mean") is None:
+    if ci is None:
         return "-"
+    if ci.get("mean") is None:
+        return f"not reached ({ci['missing']} of {ci['missing']})" if ci.get("missing") else "-"
     text = format(ci["mean"], spec)
     if ci.get("lo") is not None:
         text += f" [{format(ci['lo'], spec)}, {format(ci['hi'], spec)}]"

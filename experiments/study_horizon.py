@@ -39,9 +39,12 @@ Verdicts (:func:`verdict`), per paper claim:
   baseline's loss ("reproduced"); interval above +1% ("not reproduced"); otherwise inconclusive.
 
 Time estimate: ``--plan`` projects the wall-clock from the last ``--smoke`` run's measurements
-(per recipe: seconds per training step from the evaluation timestamps, fixed cost = compile +
-setup, seconds per evaluation), which uses the same model and batch as the full CPU run; a smoke
-on a loaded machine over-estimates by the load factor. Outputs: ``experiments/results/
+(per recipe, from its last seed, whose compiles hit the persistent cache: seconds per training
+step between the first and last evaluation, fixed cost = compile + setup, seconds per
+evaluation), which uses the same model and batch as the full CPU run, and divides by the smoke's
+load factor (mean 1-minute load average / cores, >= 1) for an idle machine. Rough: the smoke's
+GaLore refreshes every 7 steps (gap = steps // 4), the full run's every 250, so GaLore's
+per-step cost is over-estimated. Outputs: ``experiments/results/
 study_horizon_<mode>.{json,png}`` (``--out`` for the run's per-recipe logs, default
 ``runs/study_horizon-<stamp>``).
 """
@@ -220,12 +223,19 @@ def plan(setting: Setting, recipes, calib: Optional[dict]) -> dict:
             "tokens": sum(r["tokens"] for r in runs)}
 
 
-def _latest_smoke() -> Optional[dict]:
+def _latest_smoke() -> tuple[Optional[dict], float]:
+    """The last smoke's per-recipe timings and its load factor ``max(1, mean load / cpus)``
+    (``os.getloadavg`` at its start and end): a smoke on a machine shared with other jobs ran
+    that many times slower than on an idle one, roughly."""
     p = os.path.join(RESULTS, "study_horizon_smoke.json")
     if not os.path.exists(p):
-        return None
+        return None, 1.0
     with open(p) as f:
-        return json.load(f).get("timing")
+        s = json.load(f)
+    loads = s.get("loadavg") or []
+    cpus = (s.get("machine") or {}).get("cpus") or 1
+    factor = max(1.0, float(np.mean([x[0] for x in loads])) / cpus) if loads else 1.0
+    return s.get("timing"), factor
 
 
 def plot_study(by_model: dict, path: str):
@@ -304,14 +314,17 @@ def main(argv=None) -> dict:
     if bad or "baseline" not in recipes:
         raise SystemExit(f"--recipes must include baseline and come from {RECIPES}; got {recipes}")
     recipes = ["baseline"] + [r for r in recipes if r != "baseline"]
-    calib = _latest_smoke() if mode == "cpu" else None   # the smoke calibrates the CPU run
+    calib, load = _latest_smoke() if mode == "cpu" else (None, 1.0)   # calibrates the CPU run
     planned = plan(setting, recipes, calib)
     est = planned["est_total_s"]
+    if est is not None:
+        planned["load_factor"], planned["est_idle_s"] = load, est / load
     _log(f"study_horizon[{mode}]: {setting}\n  {sum(r['runs'] for r in planned['runs'])} runs, "
          f"{planned['tokens'] / 1e6:,.1f}M training tokens (the data pipeline alone: "
          f"{planned['tokens'] / PIPELINE_TOKENS_PER_S / 60:.1f} min at one core's "
          f"{PIPELINE_TOKENS_PER_S:,} tokens/s); "
-         + (f"estimated {est / 60:.1f} min from the last smoke's timings" if est is not None
+         + (f"estimated {est / 60:.1f} min from the last smoke's timings, which ran at load "
+            f"factor {load:.1f}: ~{est / load / 60:.0f} min on an idle machine" if est is not None
             else "no time estimate (CPU: run --smoke first; GPU: not measured)"))
     if args.plan:
         for r in planned["runs"]:
@@ -329,6 +342,7 @@ def main(argv=None) -> dict:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or os.path.join("runs", f"study_horizon-{mode}-{stamp}")
     t0 = time.perf_counter()
+    loadavg = [list(os.getloadavg())]
     by_model, timings = {}, {}
     chosen_mult = {}
     for model in setting.models:
@@ -368,7 +382,7 @@ def main(argv=None) -> dict:
                 if res is None:
                     continue
                 long[sd][r] = res
-                if sd == 0:
+                if sd == seeds[-1]:   # the last seed: its compiles hit the persistent cache
                     timings[r] = timing(res, dt, setting.steps[model])
                 _log(f"  {model} seed {sd} {r:<12} lr x{chosen_mult[r]:g}: final "
                      f"{res.history[-1]['val_loss']:.4f} ({dt:.0f} s)")
@@ -418,7 +432,8 @@ def main(argv=None) -> dict:
         "setting": dataclasses.asdict(setting), "machine": speedrun.machine_info(),
         "interval": "two-sided 95% Student-t over seeds; targets paired per seed",
         "equal_margin": EQUAL_MARGIN, "total_wall_s": total, "estimate_s": est,
-        "timing": timings, "models": by_model, "out_dir": out,
+        "timing": timings, "loadavg": loadavg + [list(os.getloadavg())],
+        "models": by_model, "out_dir": out,
     }
     with open(base + ".json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
