@@ -113,7 +113,9 @@ SETTINGS = {
                    steps={"tiny": 1000, "small": 1000}, eval_every=100, eval_batches=16,
                    seeds=3, sweep_steps=200, sweep_mults=(0.5, 1.0, 2.0),
                    sweep_recipes=None, corpus="site-packages",
-                   note="one H200, target 9 min; not run yet"),
+                   note="one H200, target 9 min; not run yet. Does not fit as is: its 2.7B "
+                        "training tokens need ~70 min of the single-thread Grain pipeline "
+                        "(0.64M tokens/s); it needs parallel (mp_prefetch) or pre-packed data"),
     # the smoke: the CPU run's model and batch (so its timings calibrate --plan), 30 steps,
     # 2 seeds, the sweep for the baseline only
     "smoke": Setting(models=("tiny",), batch_size=8, seq_len=64, steps={"tiny": 30},
