@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.params._averaging import check_decay
+from jaxeff._checks import check_decay
 
 __all__ = ["ParamEMAState", "param_ema", "ema_params"]
 
