@@ -169,7 +169,8 @@ def gptq_nnx(model, calibration_batches: Iterable, bits: int, group_size: Option
       bits, group_size (None = one group per output column), block_size (128), percdamp (0.01),
         act_order (False), sym (False), pad (False), scale_dtype (float32): as
         :func:`jaxeff.params.gptq`.
-      forward: ``forward(model, batch)`` runs the model; default ``model(batch)``.
+      forward: ``forward(model, batch)`` runs the model; default ``model(batch)``. Give the
+        plain forward, not an ``nnx.jit``-ed one: ``gptq_nnx`` traces and compiles it itself.
       select: ``jaxeff.select`` regex or predicate over kernel paths
         (``layers/0/attn/query/kernel``); default None = every ``nnx.Linear`` /
         ``nnx.LinearGeneral`` kernel the forward calls (the LM head too: exclude it with e.g.
