@@ -153,3 +153,23 @@ def test_readme_blocks_are_python():
     for title, blocks in README.items():
         for k, code in enumerate(blocks):
             ast.parse(code, f"README.md [{title}] block {k}")
+
+
+def test_readme_names_exist():
+    # the one-line uses in the README's tables are not code blocks: check that every dotted
+    # `jaxeff.x.y` name they mention resolves (a renamed or missing function fails here)
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    missing = []
+    for name in sorted(set(re.findall(r"\bjaxeff(?:\.[A-Za-z_]\w*)+", text))):
+        parts = name.split(".")
+        obj = importlib.import_module("jaxeff")
+        for i, part in enumerate(parts[1:], start=1):
+            if hasattr(obj, part):
+                obj = getattr(obj, part)
+                continue
+            try:
+                obj = importlib.import_module(".".join(parts[:i + 1]))
+            except ImportError:
+                missing.append(name)
+                break
+    assert not missing, f"README names that do not exist: {missing}"
