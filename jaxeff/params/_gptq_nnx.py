@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff._checks import check_callable
-from jaxeff.params._gptq import HessianState, check_ok, check_solver_args, hessian_update
+from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_solver_args,
+                                 hessian_update)
 from jaxeff.params._gptq_driver import _solve_members, default_token_mask
 from jaxeff.params._quantized import check_quant_args
 from jaxeff.select import Selector, select_mask
@@ -187,8 +188,9 @@ def gptq_nnx(model, calibration_batches: Iterable, bits: int, group_size: Option
     (same shapes and dtype; its forward is unchanged), and the stats if asked.
 
     Raises ``ValueError`` for bad quantization arguments, empty calibration, a selector matching
-    no kernel or a kernel the forward never calls, a token mask that does not fit an input, or a
-    singular Hessian; ``TypeError`` if ``model`` is not an ``nnx.Module``.
+    no kernel or a kernel the forward never calls, a token mask that does not fit an input, a
+    non-finite or singular Hessian (naming the kernels); warns for a kernel whose calibration
+    inputs are all zero (all its tokens masked: RTN there); ``TypeError`` if ``model`` is not an ``nnx.Module``.
 
     Example::
 
@@ -293,8 +295,10 @@ def gptq_nnx(model, calibration_batches: Iterable, bits: int, group_size: Option
         for k in keys:
             group = [p for p in members if rep[p] == k]
             ws = tuple(modules[p].kernel[...].reshape(shape_of[p]) for p in group)
+            where = ", ".join(f"{p}/kernel" for p in group)
+            check_hessian(hstates[k].h, where)
             parts, w_hats, errs, ok = solve(ws, hstates[k].h, percdamp)
-            check_ok(ok, percdamp)
+            check_ok(ok, percdamp, where)
             for p, q, w_hat, e in zip(group, parts, w_hats, errs):
                 var = modules[p].kernel
                 old = var.get_value()
