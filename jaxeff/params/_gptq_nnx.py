@@ -28,7 +28,11 @@ hand-written :class:`~jaxeff.params.LayerwiseModel`, which caches the layer boun
 Why not fully general: the adapter needs to see which input meets which weight. Modules that
 call ``jnp.dot`` / ``einsum`` on a raw parameter themselves (``nnx.Einsum``, custom layers) are
 not intercepted; wrap them in ``nnx.Linear`` / ``nnx.LinearGeneral`` or use
-:func:`jaxeff.params.gptq_model` with a ``capture``-filling layer.
+:func:`jaxeff.params.gptq_model` with a ``capture``-filling layer. Layers stacked with
+``nnx.vmap`` and run under ``nnx.scan`` are one module holding ``[L, ...]`` kernels, called on
+slices inside the scan: their per-layer inputs cannot be attributed to a layer this way (they are
+reported as never called); use :func:`jaxeff.params.stacked_layerwise` for that layout.
+:func:`capture_linear_inputs` is the interception itself, for other drivers.
 """
 
 from __future__ import annotations
