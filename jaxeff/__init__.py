@@ -17,7 +17,9 @@ Subpackages (each a flat namespace of functions and classes, optax's layout):
   ``MatrixLayout`` / ``matrix_axes=``, the one matrix view), ``jaxeff.train``,
   ``jaxeff.checkpoint``, ``jaxeff.sharding``, ``jaxeff.state_sharding``, ``jaxeff.distributed``.
 
-Subpackages load on first use (PEP 562), so ``import jaxeff`` itself does not import JAX::
+Subpackages load on first use (PEP 562), so ``import jaxeff`` itself does not import JAX.
+
+Example::
 
     import jaxeff
     tx = jaxeff.optim.galore(1e-3, rank=0.25)

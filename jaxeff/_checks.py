@@ -17,7 +17,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_int", "check_float", "check_fraction", "check_learning_rate",
+__all__ = ["check_int", "check_float", "check_fraction", "check_learning_rate", "check_decay",
            "check_float_dtype", "check_choice", "check_callable", "check_rank", "check_key"]
 
 
@@ -179,3 +179,16 @@ def check_key(name: str, value):
             return value
     raise TypeError(f"{name} must be a jax.random key (jax.random.key(seed)) or an int seed; "
                     f"got {value!r:.80} ({type(value).__name__})")
+
+
+def check_decay(decay, name: str = "decay") -> None:
+    """Raise unless ``decay`` is a number in [0, 1) (traced arrays are accepted unchecked)."""
+    if isinstance(decay, bool):
+        raise TypeError(f"{name} must be a number in [0, 1); got {decay!r}")
+    if isinstance(decay, numbers.Real):
+        if not 0.0 <= float(decay) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1) (0 copies the params, values near 1 "
+                             f"average longer); got {decay!r}")
+    elif not hasattr(decay, "dtype"):
+        raise TypeError(f"{name} must be a number in [0, 1) or a scalar array; got "
+                        f"{type(decay).__name__}")

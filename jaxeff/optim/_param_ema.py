@@ -3,11 +3,17 @@
 ``optax.ema`` averages the *updates* flowing through the chain, not the parameters. This
 transform passes updates through unchanged and keeps, in its state, an exponential moving average
 of the parameters *after* the step (``params + updates``, as ``optax.apply_updates`` makes
-them), so put it **last** in the chain::
+them), so put it **last** in the chain.
 
-    tx = optax.chain(optax.adamw(lr), param_ema(0.999))
-    ...
-    avg = ema_params(opt_state, like=params)      # evaluate with the averaged weights
+Example::
+
+    import jax.numpy as jnp, optax, jaxeff
+    params = {"w": jnp.ones(3)}
+    tx = optax.chain(optax.adamw(1e-2), jaxeff.optim.param_ema(0.999))
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    avg = jaxeff.optim.ema_params(opt_state, like=params)   # evaluate with the averaged weights
 
 Update rule, with ``theta_t = apply_updates(params, updates)`` and ``d_t`` the decay at step t::
 
@@ -34,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.params._averaging import check_decay
+from jaxeff._checks import check_decay
 
 __all__ = ["ParamEMAState", "param_ema", "ema_params"]
 

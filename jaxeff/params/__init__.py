@@ -17,7 +17,8 @@ averaging and elastic sub-networks.
   ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
   ``HessianState``, ``quant_error``.
 * GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
-  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``.
+  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``; on a flax NNX
+  model without editing its forward: ``gptq_nnx``, ``capture_linear_inputs``.
 * G_stack depth growth (Du et al. 2024): ``DEFAULT_GROWTH_FACTOR``, ``grow_train_state``,
   ``growth_tokens``, ``stack_depth``.
 * layer-container navigation: ``gather_layers``, ``layer_count``, ``stacked_layers``.
@@ -58,6 +59,7 @@ from jaxeff.params._gptq import (aligned_block_size, check_hessian, check_ok, ch
                                  hessian_update, HessianState, quant_error)
 from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
                                         LayerwiseModel, list_layers, llama_like, stacked_layerwise)
+from jaxeff.params._gptq_nnx import capture_linear_inputs, gptq_nnx
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
                                    stack_depth)
 from jaxeff.params._layers import gather_layers, layer_count, stacked_layers
@@ -88,7 +90,8 @@ __all__ = [
     "elastic_loss", "ElasticSize", "extract_subnetwork", "resolve_size", "spec_units",
     "aligned_block_size", "check_hessian", "check_ok", "check_solver_args", "gptq", "gptq_solve",
     "gptq_weight", "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
-    "calibration_batches", "default_token_mask", "gptq_model", "LayerwiseModel", "list_layers",
+    "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model",
+    "gptq_nnx", "LayerwiseModel", "list_layers",
     "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
     "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "LoRA",
     "lora", "LoRAWeight", "LowRank", "lowrank", "LowRankWeight", "pela_feature_loss",

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff._checks import check_decay  # noqa: F401  (re-exported: jaxeff.params.check_decay)
+
 from jaxeff.select import path_str
 
 __all__ = ["uniform_soup", "greedy_soup", "GreedySoup", "ema_update", "lae_accumulate",
@@ -49,19 +51,6 @@ __all__ = ["uniform_soup", "greedy_soup", "GreedySoup", "ema_update", "lae_accum
 
 
 # ----------------------------------------------------------------------------- validation
-def check_decay(decay, name: str = "decay") -> None:
-    """Raise unless ``decay`` is a number in [0, 1) (traced arrays are accepted unchecked)."""
-    if isinstance(decay, bool):
-        raise TypeError(f"{name} must be a number in [0, 1); got {decay!r}")
-    if isinstance(decay, numbers.Real):
-        if not 0.0 <= float(decay) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1) (0 copies the params, values near 1 "
-                             f"average longer); got {decay!r}")
-    elif not hasattr(decay, "dtype"):
-        raise TypeError(f"{name} must be a number in [0, 1) or a scalar array; got "
-                        f"{type(decay).__name__}")
-
-
 def _checkpoints(checkpoints, argname: str = "checkpoints") -> list:
     if isinstance(checkpoints, (str, bytes)) or not isinstance(checkpoints, Sequence):
         raise TypeError(f"{argname} must be a list of params pytrees; got "

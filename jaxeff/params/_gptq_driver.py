@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import jax
@@ -140,15 +141,46 @@ def stacked_layerwise(embed: Callable, layer: Callable, key: str = "layers") -> 
                           layer_path=lambda i: key)
 
 
+def _layer_keys(container):
+    """Positions of the layers in a list/tuple, or the sorted keys of an integer-keyed mapping
+    (flax NNX states hold a list of modules as ``{0: ..., 1: ...}``)."""
+    if isinstance(container, Mapping):
+        keys = list(container.keys())
+        if not all(isinstance(k, (int, np.integer)) for k in keys):
+            raise ValueError(f"list_layers: the layer container is a mapping with keys {keys[:8]}; "
+                             f"expected integer keys 0..L-1 (or a list)")
+        return sorted(keys)
+    return list(range(len(container)))
+
+
 def list_layers(embed: Callable, layer: Callable, key: str = "layers") -> LayerwiseModel:
-    """Adapter for params holding a list of per-layer trees under ``params[key]``."""
+    """Adapter for params holding a list of per-layer trees under ``params[key]``.
+
+    The container may be a list / tuple or a mapping with integer keys (what ``nnx.split`` /
+    ``nnx.state`` give for a list of NNX modules); it comes back with the same type and keys.
+    """
+    def get_layer(params, i):
+        container = params[key]
+        return container[_layer_keys(container)[i]]
+
     def set_layers(params, layers):
         out = dict(params)
-        out[key] = type(params[key])(layers)
-        return out
+        container = params[key]
+        if isinstance(container, Mapping):
+            rebuilt = dict(zip(_layer_keys(container), layers))
+            try:
+                out[key] = type(container)(rebuilt)
+            except TypeError:
+                out[key] = rebuilt
+        else:
+            out[key] = type(container)(layers)
+        try:
+            return type(params)(out)
+        except TypeError:
+            return out
 
     return LayerwiseModel(embed=embed, layer=layer, n_layers=lambda p: len(p[key]),
-                          get_layer=lambda p, i: p[key][i], set_layers=set_layers,
+                          get_layer=get_layer, set_layers=set_layers,
                           layer_path=lambda i: f"{key}/{i}")
 
 
@@ -175,20 +207,31 @@ def llama_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
     return stacked_layerwise(embed, layer, key)
 
 
+def _child_key(tree, k: str):
+    """The key of ``tree`` spelled ``k`` in a ``/``-path: an int for sequences and for
+    integer-keyed mappings (NNX layer lists), else the string."""
+    if isinstance(tree, (list, tuple)):
+        return int(k)
+    if k not in tree and k.lstrip("-").isdigit() and int(k) in tree:
+        return int(k)
+    return k
+
+
 def _get(tree, path):
     for k in path.split("/"):
-        tree = tree[int(k)] if isinstance(tree, (list, tuple)) else tree[k]
+        tree = tree[_child_key(tree, k)]
     return tree
 
 
 def _set(tree, path, value):
     head, _, rest = path.partition("/")
+    key = _child_key(tree, head)
     if isinstance(tree, (list, tuple)):
         items = list(tree)
-        items[int(head)] = value if not rest else _set(items[int(head)], rest, value)
+        items[key] = value if not rest else _set(items[key], rest, value)
         return type(tree)(items)
     out = dict(tree)
-    out[head] = value if not rest else _set(tree[head], rest, value)
+    out[key] = value if not rest else _set(tree[key], rest, value)
     return out
 
 

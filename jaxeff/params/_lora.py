@@ -7,13 +7,19 @@ layout::
 
 so the adapted model equals the base model at init; only ``A`` and ``B`` train, ``W`` carries no
 optimizer state. Unlike ``flax.nnx.LoRA`` (no alpha/r scaling, needs ``nnx.Optimizer(wrt=...)``),
-this works on any params pytree::
+this works on any params pytree.
 
-    adapted = lora(rank=8, alpha=16, select=r"layers/(wq|wv)$").from_dense(key, params)
-    trainable, frozen = jaxeff.params.partition(adapted)   # only A, B train; the rest -> frozen
-    loss = lambda t, b: model_loss(jaxeff.params.materialize(combine(t, frozen)), b)
-    ...
-    merged = LoRA.merge(adapted)                                   # plain dense params again
+Example::
+
+    import jax, jax.numpy as jnp, jaxeff
+    from jaxeff.params import LoRA, combine, materialize, partition
+    params = {"layers": {"wq": jnp.ones((2, 32, 32)), "wv": jnp.ones((2, 32, 32))}}
+    adapted = jaxeff.params.lora(rank=4, alpha=8, select=r"layers/(wq|wv)$").from_dense(
+        jax.random.key(0), params)
+    trainable, frozen = partition(adapted)          # only A, B train; the rest -> frozen
+    loss = lambda t, x: jnp.mean((x @ materialize(combine(t, frozen))["layers"]["wq"]) ** 2)
+    grads = jax.grad(loss)(trainable, jnp.ones((2, 4, 32)))
+    merged = LoRA.merge(adapted)                    # plain dense params again
 
 or ``optax.multi_transform({True: tx, False: optax.set_to_zero()}, trainable_mask(adapted))``.
 ``partition`` freezes every dense leaf of an adapted tree (embeddings, norms, biases, unadapted

@@ -22,11 +22,16 @@ Formulas (matrix ``W [in, out] = U diag(S) V^T``, singular values descending):
 * SVFit: ``W(sigma) = U_r diag(sigma) V_r^T + W_e``, ``W_e = W - U_r diag(S_r) V_r^T``; only
   ``sigma`` trains (``SVFitWeight.trainable_fields``), so ``W(S_r) = W``.
 
-Usage::
+Example::
 
-    factors = lowrank("pela", select=r"layers/w_(up|down)").from_dense(None, params)
-    factors = lowrank(0.25).from_dense(None, nnx_params)    # weight matrices, a quarter rank
+    import numpy as np, jaxeff
+    rng = np.random.default_rng(0)
+    params = {"layers": {"w_up": rng.standard_normal((2, 16, 32), np.float32),
+                         "w_down": rng.standard_normal((2, 32, 16), np.float32)}}
+    factors = jaxeff.params.lowrank("pela", select=r"layers/w_(up|down)").from_dense(None, params)
+    quarter = jaxeff.params.lowrank(0.25).from_dense(None, params)  # weight matrices, 1/4 rank
     trainable, frozen = jaxeff.params.partition(factors)    # L, R train (SVFit: sigma only)
+    dense = jaxeff.params.materialize(factors)              # plain [2, 16, 32] / [2, 32, 16]
 
 ``method='randomized'`` (Halko et al. range finder: only matmuls on the full matrix) avoids the
 dense SVD of a sharded matrix; ``'exact'`` (default) uses ``jnp.linalg.svd``.

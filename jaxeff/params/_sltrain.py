@@ -15,12 +15,18 @@ fan_in = in), ``B = 0`` so ``W = S`` at init, ``values ~ U(+-1/sqrt(in))``. Only
 The savings are in parameters, gradients and optimizer state: r(m+n) + delta*m*n trainable numbers
 per matrix instead of m*n.
 
-Usage::
+The paper's settings for a model size: ``sltrain(**sltrain_preset("350m"), select=...)``.
 
-    method = sltrain(**sltrain_preset("350m"), select=r"layers/(wq|wk|wv|wo|w_gate|w_up|w_down)$")
-    factors = method.init(key, params)              # train from scratch: W = S at init
+Example::
+
+    import jax, jax.numpy as jnp, jaxeff
+    from jaxeff.params import combine, materialize, partition
+    params = {"layers": {"wq": jnp.ones((2, 32, 32)), "norm": jnp.ones((2, 32))}}
+    method = jaxeff.params.sltrain(rank=4, density=0.05, select=r"layers/wq$")
+    factors = method.init(jax.random.key(0), params)  # train from scratch: W = S at init
     trainable, frozen = partition(factors)          # indices go to `frozen`
-    loss = lambda t, batch: model_loss(materialize(combine(t, frozen)), batch)
+    loss = lambda t, x: jnp.mean((x @ materialize(combine(t, frozen))["layers"]["wq"]) ** 2)
+    grads = jax.grad(loss)(trainable, jnp.ones((2, 4, 32)))   # gradients of A, B, values only
 
 On a flax NNX model (``nnx.split`` / ``nnx.merge``; paths ignore the ``nnx.Param`` wrapper,
 ``nnx.MultiHeadAttention`` kernels ``[D, H, hd]`` are one ``D x (H*hd)`` matrix)::
