@@ -36,59 +36,107 @@ from jax.experimental import pallas as pl
 
 from . import _common
 
-BITS = (2, 4, 8)
+BITS = (2, 4, 8)        # what the matmul kernel takes
+PACK_BITS = (2, 3, 4, 8)  # what packing takes (3-bit words hold 10 codes, top 2 bits unused)
 PALLAS_MAX_ROWS = 16  # the dispatcher's GPU threshold on x rows (see quant_matmul)
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _check_bits(name, bits):
-    if bits not in BITS:
-        raise ValueError(f"{name}: bits must be one of {BITS} (int3 unsupported); got {bits!r}")
+def _check_bits(name, bits, allowed=BITS):
+    if bits not in allowed:
+        raise ValueError(f"{name}: bits must be one of {allowed}"
+                         f"{' (int3 unsupported)' if 3 not in allowed else ''}; got {bits!r}")
 
 
 def pack_codes(q, bits: int):
-    """Packs integer codes q [in, out] (values in [0, 2^bits)) into uint32 [in // P, out].
+    """Packs integer codes q [..., N, out] (values in [0, 2^bits)) into uint32 [..., ceil(N/P), out].
 
-    Raises: ValueError when bits is unsupported or `in` is not a multiple of P = 32 // bits.
+    Word k holds rows k*P .. k*P+P-1, row r at bit offset bits * (r % P), P = 32 // bits; a
+    ragged last word is padded with zero codes. Leading axes are a batch. This is the one packing
+    routine of jaxeff (`jaxeff.params.pack` calls it).
+    Raises: ValueError when bits is not in (2, 3, 4, 8) or q has fewer than 2 axes.
     """
-    _check_bits("pack_codes", bits)
+    _check_bits("pack_codes", bits, PACK_BITS)
     per = 32 // bits
-    if q.ndim != 2 or q.shape[0] % per:
-        raise ValueError(f"pack_codes: q must be [in, out] with in a multiple of {per}; got {q.shape}")
-    q = q.astype(jnp.uint32).reshape(q.shape[0] // per, per, q.shape[1])
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[None, :, None]
-    return jnp.sum(q << shifts, axis=1, dtype=jnp.uint32)
+    if q.ndim < 2:
+        raise ValueError(f"pack_codes: q must be [..., N, out]; got shape {q.shape}")
+    n = q.shape[-2]
+    words = -(-n // per)
+    q = q.astype(jnp.uint32)
+    if words * per != n:
+        q = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(0, words * per - n), (0, 0)])
+    q = q.reshape(*q.shape[:-2], words, per, q.shape[-1])
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
+    # The shifted fields are disjoint, so the sum is the bitwise OR.
+    return jnp.sum(q << shifts, axis=-2, dtype=jnp.uint32)
 
 
-def unpack_codes(qweight, bits: int):
-    """Inverse of pack_codes: uint32 [in // P, out] -> int32 codes [in, out]."""
-    _check_bits("unpack_codes", bits)
+def unpack_codes(qweight, bits: int, n: int | None = None):
+    """Inverse of pack_codes: uint32 [..., W, out] -> int32 codes [..., n, out] (n default W * P).
+
+    Raises: ValueError for bits not in (2, 3, 4, 8) or n outside [0, W * P].
+    """
+    _check_bits("unpack_codes", bits, PACK_BITS)
     per = 32 // bits
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[None, :, None]
-    q = (qweight[:, None, :] >> shifts) & jnp.uint32((1 << bits) - 1)
-    return q.reshape(qweight.shape[0] * per, qweight.shape[1]).astype(jnp.int32)
+    cap = qweight.shape[-2] * per
+    n = cap if n is None else n
+    if not 0 <= n <= cap:
+        raise ValueError(f"unpack_codes: n={n} rows do not fit {qweight.shape[-2]} words of "
+                         f"{per} codes")
+    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
+    q = (qweight[..., :, None, :] >> shifts) & jnp.uint32((1 << bits) - 1)
+    q = q.reshape(*qweight.shape[:-2], cap, qweight.shape[-1])
+    return q[..., :n, :].astype(jnp.int32)
+
+
+def find_params(x, bits: int, sym: bool = False, scale_dtype=jnp.float32, axis: int = -2):
+    """Scale and zero point of the GPTQ quantizer for x reduced over `axis` (axis kept).
+
+    xmin = min(min(x), 0), xmax = max(max(x), 0) (-1, 1 when both are 0); symmetric:
+    xmax = max(|xmin|, xmax), xmin = -xmax, zero = (maxq + 1) / 2; asymmetric:
+    zero = round(-xmin / scale); scale = (xmax - xmin) / maxq rounded to scale_dtype.
+    Returns (scale, zero) in float32 (zero an integer in [0, maxq]). The one home of this
+    formula (`jaxeff.params.find_params`, GPTQ and RTN call it).
+    """
+    maxq = 2 ** bits - 1
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xmin = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0)
+    xmax = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0)
+    if sym:
+        xmax = jnp.maximum(-xmin, xmax)
+        xmin = -xmax
+    both0 = (xmin == 0) & (xmax == 0)
+    xmin = jnp.where(both0, -1.0, xmin)
+    xmax = jnp.where(both0, 1.0, xmax)
+    scale = ((xmax - xmin) / maxq).astype(scale_dtype).astype(x.dtype)
+    if sym:
+        zero = jnp.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = jnp.round(-xmin / scale)
+    return scale, jnp.clip(zero, 0, maxq)
+
+
+def quantize_codes(x, scale, zero, bits: int):
+    """q = clip(round(x / scale) + zero, 0, 2^bits - 1) (float, integer-valued)."""
+    return jnp.clip(jnp.round(x / scale) + zero, 0, 2 ** bits - 1)
 
 
 def rtn_quantize(w, bits: int, group_size: int):
-    """Round-to-nearest asymmetric group quantization of w [in, out] (GPTQ's Quantizer formula).
+    """Round-to-nearest asymmetric group quantization of w [in, out] (GPTQ's quantizer).
 
-    scale = (max(x, 0) - min(x, 0)) / (2^bits - 1), zero = round(-min(x, 0) / scale),
-    q = clip(round(x / scale) + zero, 0, 2^bits - 1), per group of `group_size` input rows.
-    Returns (qweight uint32 [in // P, out], scales f32 [in // g, out], zeros f32 [in // g, out]).
+    Per group of `group_size` input rows and output column: `find_params` (asymmetric, f32
+    scales), then q = `quantize_codes`. Returns (qweight uint32 [in // P, out],
+    scales f32 [in // g, out], zeros f32 [in // g, out]).
     Raises: ValueError for unsupported bits or in % group_size != 0.
     """
     _check_bits("rtn_quantize", bits)
     din, dout = w.shape
     if group_size <= 0 or din % group_size:
         raise ValueError(f"rtn_quantize: group_size must divide in={din}; got {group_size}")
-    maxq = (1 << bits) - 1
     wg = w.astype(jnp.float32).reshape(din // group_size, group_size, dout)
-    lo = jnp.minimum(wg.min(1), 0.0)
-    hi = jnp.maximum(wg.max(1), 0.0)
-    scale = jnp.where(hi - lo > 0, (hi - lo) / maxq, 1.0)
-    zero = jnp.round(-lo / scale)
-    q = jnp.clip(jnp.round(wg / scale[:, None]) + zero[:, None], 0, maxq)
-    return pack_codes(q.reshape(din, dout).astype(jnp.int32), bits), scale, zero
+    scale, zero = find_params(wg, bits, axis=1)
+    q = quantize_codes(wg, scale, zero, bits)
+    return pack_codes(q.reshape(din, dout).astype(jnp.int32), bits), scale[:, 0], zero[:, 0]
 
 
 def _check(name, x, qweight, scales, zeros, bits, group_size):
@@ -111,10 +159,16 @@ def _check(name, x, qweight, scales, zeros, bits, group_size):
         _common.check_dtype(name, arg, t, (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
-def dequantize(qweight, scales, zeros, bits: int, group_size: int, dtype=jnp.float32):
-    """w = (q - zeros[k // g]) * scales[k // g] as a dense [in, out] array of `dtype`."""
-    q = unpack_codes(qweight, bits).astype(jnp.float32)
-    rep = lambda t: jnp.repeat(t.astype(jnp.float32), group_size, axis=0)
+def dequantize(qweight, scales, zeros, bits: int, group_size: int, dtype=jnp.float32,
+               n: int | None = None):
+    """w = (q - zeros[k // g]) * scales[k // g] (f32 math) as a dense [..., n, out] `dtype` array.
+
+    Leading axes are a batch; n (default: all packed rows) allows a ragged last word and group.
+    The one dequantization of jaxeff (`QuantizedWeight.materialize` calls it).
+    """
+    q = unpack_codes(qweight, bits, n).astype(jnp.float32)
+    rows = q.shape[-2]
+    rep = lambda t: jnp.repeat(t.astype(jnp.float32), group_size, axis=-2)[..., :rows, :]
     return ((q - rep(zeros)) * rep(scales)).astype(dtype)
 
 
@@ -231,14 +285,18 @@ def quant_matmul(x, qweight, scales, zeros, *, bits: int = 4, group_size: int = 
 
     On an H200 (kernels/bench.py) the kernel ties or beats XLA's dequantize-then-cuBLAS at 16
     rows (2x on 4096 x 11008) but is 8x slower at 64 rows and 5x at 4096, so larger inputs and
-    CPU/TPU use the reference.
+    CPU use the reference, as do layouts outside the kernel's constraints (group_size a
+    multiple of 16 * 32 // bits, out a multiple of 16). On TPU impl=None picks the Mosaic
+    kernel under the same row threshold.
     Leading batch axes of x are flattened. impl='pallas'|'reference' forces one; interpret=True
     runs the kernel in interpret mode.
     Raises: ValueError for an unknown impl, plus the chosen implementation's checks.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    gpu_pick = "pallas" if x2.shape[0] <= PALLAS_MAX_ROWS else "reference"
+    fits = (bits in BITS and group_size % (16 * (32 // bits)) == 0 and qweight.ndim == 2
+            and qweight.shape[1] % 16 == 0)  # the kernel's constraints (quant_matmul_pallas)
+    gpu_pick = "pallas" if x2.shape[0] <= PALLAS_MAX_ROWS and fits else "reference"
     chosen = _common.resolve_impl(impl, interpret, name="quant_matmul",
                                   accelerator_default=gpu_pick if _common.backend() == "gpu"
                                   else "reference")

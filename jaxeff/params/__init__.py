@@ -22,6 +22,8 @@ averaging and elastic sub-networks.
 * G_stack depth growth (Du et al. 2024): ``DEFAULT_GROWTH_FACTOR``, ``grow_train_state``,
   ``growth_tokens``, ``stack_depth``.
 * layer-container navigation: ``gather_layers``, ``layer_count``, ``stacked_layers``.
+* the weight-kernel seam: ``linear`` (``x @ W`` for dense and structured weights, through the
+  ``jaxeff.kernels`` Pallas kernels where they win).
 * LoRA adapters: ``LoRA``, ``lora``, ``LoRAWeight``.
 * low-rank factors, PELA, SVFit: ``LowRank``, ``lowrank``, ``LowRankWeight``,
   ``pela_feature_loss``, ``pela_rank``, ``pela_weight_perturbation``, ``resolve_rank``, ``SVFit``,
@@ -63,6 +65,7 @@ from jaxeff.params._gptq_nnx import capture_linear_inputs, gptq_nnx
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
                                    stack_depth)
 from jaxeff.params._layers import gather_layers, layer_count, stacked_layers
+from jaxeff.params._linear import linear
 from jaxeff.params._lora import LoRA, lora, LoRAWeight
 from jaxeff.params._lowrank import (LowRank, lowrank, LowRankWeight, pela_feature_loss, pela_rank,
                                     pela_weight_perturbation, resolve_rank, SVFit, svfit,
@@ -93,7 +96,8 @@ __all__ = [
     "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model",
     "gptq_nnx", "LayerwiseModel", "list_layers",
     "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
-    "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "LoRA",
+    "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "linear",
+    "LoRA",
     "lora", "LoRAWeight", "LowRank", "lowrank", "LowRankWeight", "pela_feature_loss",
     "pela_rank", "pela_weight_perturbation", "resolve_rank", "SVFit", "svfit", "SVFitWeight",
     "truncated_svd", "add_classes", "batch_onehot", "ClassMeans", "init_class_means",

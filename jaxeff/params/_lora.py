@@ -48,8 +48,8 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxeff._checks import check_float, check_key, check_rank
-from jaxeff.params._structured import (MatrixLayout, StructuredWeight, map_matrices, materialize,
-                                       specs_from, uniform)
+from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
+                                       map_matrices, materialize, specs_from, uniform)
 from jaxeff.select import resolve_rank
 
 __all__ = ["LoRAWeight", "LoRA", "lora"]
@@ -88,16 +88,18 @@ class LoRAWeight(StructuredWeight):
         """The merged weight ``base + scale * A @ B``."""
         return (self.base + self.delta()).astype(self.base.dtype)
 
-    def apply(self, x: jax.Array) -> jax.Array:
-        """The unmerged forward ``x @ base + scale * (x @ A) @ B`` for a ``[in, out]`` leaf.
+    def apply(self, x: jax.Array, *, impl=None, interpret: bool = False) -> jax.Array:
+        """The unmerged forward ``x @ base + scale * (x @ A) @ B`` (no dense ``A @ B``).
 
-        Raises ValueError for a batched (stacked) or non-default layout.
+        Arrays are cast to ``x.dtype``. Plain XLA matmuls: ``impl`` / ``interpret`` are accepted
+        for the ``jaxeff.params.linear`` seam and have no kernel to select. Needs one
+        default-layout ``[in, out]`` matrix (an unstacked leaf or a layer sliced by
+        ``lax.scan``). Raises ValueError otherwise.
         """
-        lay = self.layout
-        if lay.batch_shape or lay.in_axes != (0,) or lay.out_axes != (1,):
-            raise ValueError(f"apply needs an unbatched [in, out] leaf; this one has shape "
-                             f"{lay.shape} with in_axes={lay.in_axes}, out_axes={lay.out_axes}")
-        return x @ self.base + self.scale * ((x @ self.A) @ self.B)
+        del impl, interpret
+        check_single_matrix(self, self.A, x, self.A.shape[0])
+        cd = x.dtype
+        return x @ self.base.astype(cd) + self.scale * ((x @ self.A.astype(cd)) @ self.B.astype(cd))
 
     def factor_specs(self, dense_spec) -> "LoRAWeight":
         """Shardings: the base keeps the dense spec, A follows the input, B the output axis."""

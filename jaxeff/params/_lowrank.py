@@ -49,8 +49,9 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.params._structured import (MatrixLayout, StructuredWeight, is_structured,
-                                       map_matrices, materialize, normal, specs_from)
+from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
+                                       is_structured, map_matrices, materialize, normal,
+                                       specs_from)
 from jaxeff._checks import check_key
 from jaxeff.select import resolve_rank as _fraction_rank
 
@@ -156,6 +157,16 @@ class LowRankWeight(StructuredWeight):
     def materialize(self) -> jax.Array:
         """Dense ``L @ R`` in the leaf's shape and dtype."""
         return self.layout.from_matrix(jnp.matmul(self.L, self.R)).astype(self.dtype)
+
+    def apply(self, x: jax.Array, *, impl=None, interpret: bool = False) -> jax.Array:
+        """``y = (x @ L) @ R`` (no dense ``L @ R``), factors cast to ``x.dtype``.
+
+        Plain XLA matmuls (``impl`` / ``interpret`` have no kernel to select here). Needs one
+        default-layout matrix; raises ValueError otherwise.
+        """
+        del impl, interpret
+        check_single_matrix(self, self.L, x, self.L.shape[0])
+        return (x @ self.L.astype(x.dtype)) @ self.R.astype(x.dtype)
 
     def factor_specs(self, dense_spec) -> "LowRankWeight":
         """Shardings: L follows the input axis, R the output axis."""
@@ -299,6 +310,18 @@ class SVFitWeight(StructuredWeight):
         """Dense ``U diag(sigma) Vt + residual`` in the leaf's shape and dtype."""
         W = jnp.matmul(self.U * self.sigma[..., None, :], self.Vt) + self.residual
         return self.layout.from_matrix(W).astype(self.dtype)
+
+    def apply(self, x: jax.Array, *, impl=None, interpret: bool = False) -> jax.Array:
+        """``y = ((x @ U) * sigma) @ Vt + x @ residual``, arrays cast to ``x.dtype``.
+
+        Plain XLA matmuls (no kernel to select). Needs one default-layout matrix; raises
+        ValueError otherwise.
+        """
+        del impl, interpret
+        check_single_matrix(self, self.U, x, self.U.shape[0])
+        cd = x.dtype
+        low = ((x @ self.U.astype(cd)) * self.sigma.astype(cd)) @ self.Vt.astype(cd)
+        return low + x @ self.residual.astype(cd)
 
     def factor_specs(self, dense_spec) -> "SVFitWeight":
         """Shardings: U and the residual follow the input axis, Vt the output axis."""

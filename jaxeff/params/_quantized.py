@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxeff.kernels import dequant_matmul as _dq
 from jaxeff.params._structured import StructuredWeight, is_structured, specs_from
 from jaxeff.select import (MatrixLayout, Selector, flatten_with_paths, is_weight_matrix,
                            matrix_axes_values, select_mask)
@@ -150,19 +151,57 @@ class QuantizedWeight(StructuredWeight):
         w = _dequantize(self)
         return w if self.layout is None else self.layout.from_matrix(w)
 
+    def apply(self, x: jax.Array, *, impl: Optional[str] = None,
+              interpret: bool = False) -> jax.Array:
+        """``y = x @ W`` without a dense ``W`` where the dequantize-matmul kernel applies.
+
+        ``y = x[..., perm] @ w_stored`` (the gather only with ``act_order``) through
+        ``jaxeff.kernels.quant_matmul`` for bits 2/4/8 with IN a multiple of ``32 // bits``
+        and of ``group_size``; other layouts (3-bit, ragged groups) dequantize the stored
+        matrix and use XLA. The leaf must hold one matrix (arrays ``packed [W, OUT]``: an
+        unstacked leaf or a layer sliced by ``lax.scan``). Result in ``x.dtype``. Only ``x``
+        gets a gradient (codes are post-training constants).
+        Raises ValueError for a stacked leaf, an ``x`` whose last axis is not IN, or
+        ``impl='pallas'`` on a layout the kernel does not take.
+        """
+        n_in = self.shape[-2]
+        if self.packed.ndim != 2:
+            raise ValueError(f"QuantizedWeight.apply needs one matrix; packed has shape "
+                             f"{self.packed.shape} (slice the stacked axis first, as lax.scan "
+                             f"does)")
+        if x.shape[-1] != n_in:
+            raise ValueError(f"QuantizedWeight.apply: x has last axis {x.shape[-1]}, the weight "
+                             f"has IN={n_in}")
+        if self.act_order:
+            x = jnp.take(x, self.perm, axis=-1)
+        fits = self.bits in _dq.BITS and n_in % (32 // self.bits) == 0 \
+            and n_in % self.group_size == 0
+        if fits:
+            return _dq.quant_matmul(x, self.packed, self.scale, self.zero.astype(jnp.float32),
+                                    bits=self.bits, group_size=self.group_size, impl=impl,
+                                    interpret=interpret)
+        if impl == "pallas":
+            raise ValueError(f"QuantizedWeight.apply: impl='pallas' needs bits in {_dq.BITS} and "
+                             f"IN={n_in} a multiple of 32 // bits and of group_size="
+                             f"{self.group_size}; got bits={self.bits}")
+        w = _stored_matrix(self, x.dtype)
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
 
 @jax.jit
 def _dequantize(qw: QuantizedWeight) -> jax.Array:
     # jit so that eager calls compile once per layout instead of once per primitive.
-    n_in = qw.shape[-2]
-    q = unpack(qw.packed, qw.bits, n_in).astype(jnp.float32)
-    s = jnp.repeat(qw.scale.astype(jnp.float32), qw.group_size, axis=-2)[..., :n_in, :]
-    z = jnp.repeat(qw.zero.astype(jnp.float32), qw.group_size, axis=-2)[..., :n_in, :]
-    w = (q - z) * s
+    w = _stored_matrix(qw, jnp.float32)
     if qw.act_order:
         inv = jnp.argsort(qw.perm, axis=-1)
         w = jnp.take_along_axis(w, inv[..., :, None], axis=-2)
     return w.astype(jnp.dtype(qw.dtype))
+
+
+def _stored_matrix(qw: QuantizedWeight, dtype) -> jax.Array:
+    """``(q - zero) * scale`` in stored row order (``jaxeff.kernels.dequantize``)."""
+    return _dq.dequantize(qw.packed, qw.scale, qw.zero, qw.bits, qw.group_size, dtype,
+                          n=qw.shape[-2])
 
 
 @functools.partial(jax.jit, static_argnames=("bits",))
@@ -170,20 +209,13 @@ def pack(codes: jax.Array, bits: int) -> jax.Array:
     """Pack codes ``[..., N, OUT]`` in ``[0, 2**bits)`` into ``uint32 [..., ceil(N/P), OUT]``.
 
     Word ``k`` holds rows ``k*P .. k*P+P-1`` with row ``r`` at bit offset ``bits * (r % P)``,
-    ``P = 32 // bits``; padding codes are 0. Raises ``ValueError`` for bad ``bits`` or fewer
-    than 2 axes.
+    ``P = 32 // bits``; padding codes are 0 (``jaxeff.kernels.pack_codes``). Raises
+    ``ValueError`` for bad ``bits`` or fewer than 2 axes.
     """
-    per = codes_per_word(bits)
+    codes_per_word(bits)
     if codes.ndim < 2:
         raise ValueError(f"codes must have at least 2 axes [..., N, OUT]; got shape {codes.shape}")
-    n = codes.shape[-2]
-    n_words = -(-n // per)
-    c = codes.astype(jnp.uint32)
-    pad = [(0, 0)] * (c.ndim - 2) + [(0, n_words * per - n), (0, 0)]
-    c = jnp.pad(c, pad).reshape(*c.shape[:-2], n_words, per, c.shape[-1])
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
-    # The shifted fields are disjoint, so the sum is the bitwise OR.
-    return jnp.sum(c << shifts, axis=-2, dtype=jnp.uint32)
+    return _dq.pack_codes(codes, bits)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "n"))
@@ -195,40 +227,23 @@ def unpack(packed: jax.Array, bits: int, n: int) -> jax.Array:
     per = codes_per_word(bits)
     if n > packed.shape[-2] * per or n < 0:
         raise ValueError(f"n={n} rows do not fit {packed.shape[-2]} words of {per} codes")
-    shifts = (jnp.arange(per, dtype=jnp.uint32) * bits)[:, None]
-    c = (packed[..., :, None, :] >> shifts) & jnp.uint32(2 ** bits - 1)
-    c = c.reshape(*packed.shape[:-2], packed.shape[-2] * per, packed.shape[-1])
-    return c[..., :n, :].astype(jnp.int32)
+    return _dq.unpack_codes(packed, bits, n)
 
 
 def find_params(x: jax.Array, bits: int, sym: bool = False, scale_dtype=jnp.float32,
                 axis: int = -2):
     """Scale and zero point of the GPTQ quantizer for ``x`` reduced over ``axis``.
 
-    Formula in the module docstring. Returns ``(scale, zero)`` as float32 (``scale`` already
-    rounded to ``scale_dtype``, ``zero`` an integer in ``[0, maxq]``), with ``axis`` kept.
+    Formula in the module docstring (computed by ``jaxeff.kernels.dequant_matmul.find_params``).
+    Returns ``(scale, zero)`` as float32 (``scale`` already rounded to ``scale_dtype``, ``zero``
+    an integer in ``[0, maxq]``), with ``axis`` kept.
     """
-    maxq = 2 ** bits - 1
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    xmin = jnp.minimum(jnp.min(x, axis=axis, keepdims=True), 0)
-    xmax = jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0)
-    if sym:
-        xmax = jnp.maximum(-xmin, xmax)
-        xmin = -xmax
-    both0 = (xmin == 0) & (xmax == 0)
-    xmin = jnp.where(both0, -1.0, xmin)
-    xmax = jnp.where(both0, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).astype(scale_dtype).astype(x.dtype)
-    if sym:
-        zero = jnp.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = jnp.round(-xmin / scale)
-    return scale, jnp.clip(zero, 0, maxq)
+    return _dq.find_params(x, bits, sym, scale_dtype, axis)
 
 
 def quantize_codes(x, scale, zero, bits: int):
     """``q = clip(round(x / scale) + zero, 0, maxq)`` (float, integer-valued)."""
-    return jnp.clip(jnp.round(x / scale) + zero, 0, 2 ** bits - 1)
+    return _dq.quantize_codes(x, scale, zero, bits)
 
 
 def rtn_weight(w: jax.Array, bits: int, group_size: Optional[int] = None, *, sym: bool = False,

@@ -55,8 +55,9 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from jaxeff._checks import check_float, check_key, check_rank
-from jaxeff.params._structured import (MatrixLayout, StructuredWeight, map_matrices, materialize,
-                                       specs_from, uniform)
+from jaxeff.kernels import sparse_lowrank as _spl
+from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
+                                       map_matrices, materialize, specs_from, uniform)
 from jaxeff.select import resolve_rank
 
 __all__ = ["SLTrainWeight", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS"]
@@ -145,6 +146,21 @@ class SLTrainWeight(StructuredWeight):
         flat = _scatter_add(low.reshape(lay.batch_shape + (lay.m * lay.n,)), self.indices,
                             self.values)
         return lay.from_matrix(flat.reshape(lay.batch_shape + (lay.m, lay.n))).astype(self.dtype)
+
+    def apply(self, x: jax.Array, *, impl=None, interpret: bool = False) -> jax.Array:
+        """``y = x @ W = scale * (x @ A) @ B + x @ S`` through ``jaxeff.kernels.sltrain_matmul``.
+
+        The kernel's dispatcher picks its Triton path on GPU and the reference (W built in f32,
+        one matmul) elsewhere; ``impl`` / ``interpret`` force one. Factors are cast to
+        ``x.dtype`` (the kernels take float32 / bfloat16). Gradients reach ``x``, ``A``, ``B``
+        and ``values``. Needs one default-layout matrix (an unstacked leaf or a layer sliced by
+        ``lax.scan``). Raises ValueError otherwise.
+        """
+        check_single_matrix(self, self.A, x, self.A.shape[0])
+        cd = x.dtype
+        return _spl.sltrain_matmul(x, self.A.astype(cd), self.B.astype(cd), self.indices,
+                                   self.values.astype(cd), float(self.scale), impl=impl,
+                                   interpret=interpret)
 
     def factor_specs(self, dense_spec) -> "SLTrainWeight":
         """Shardings: A follows the input axis, B the output axis, the sparse part the batch."""

@@ -65,7 +65,7 @@ from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, m
 
 __all__ = ["StructuredWeight", "is_structured", "materialize", "trainable_mask", "partition",
            "combine", "MatrixLayout", "map_matrices", "structured_specs", "array_fields",
-           "specs_from", "uniform", "normal"]
+           "specs_from", "uniform", "normal", "check_single_matrix"]
 
 
 class StructuredWeight:
@@ -87,6 +87,38 @@ class StructuredWeight:
 
     def materialize(self) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement materialize()")
+
+    def apply(self, x: jax.Array, *, impl: Optional[str] = None,
+              interpret: bool = False) -> jax.Array:
+        """``y = x @ W`` (the generic product: ``x @ materialize()``, cast to ``x.dtype``).
+
+        Subclasses override it with their own product that avoids the dense matrix (SLTrain,
+        quantized, LoRA, low rank, SVFit); ``impl`` / ``interpret`` select their kernel
+        (``jaxeff.params.linear``). The generic product ignores them.
+        """
+        del impl, interpret
+        return x @ self.materialize().astype(x.dtype)
+
+
+def check_single_matrix(w, factor: jax.Array, x: jax.Array, m: int) -> None:
+    """For ``apply``: ``w`` holds one default-layout ``[in, out]`` matrix and ``x`` is ``[..., in]``.
+
+    ``factor`` is a field whose matrix form has 2 axes (more: a stacked leaf). A leaf sliced by
+    ``lax.scan`` keeps its stacked static layout but 2-axis arrays, and passes.
+    Raises ValueError for a stacked leaf, explicit ``dims`` or a mismatched ``x``.
+    """
+    lay = getattr(w, "layout", None)
+    name = type(w).__name__
+    if lay is not None and (lay.in_axes != (len(lay.shape) - 2,)
+                            or lay.out_axes != (len(lay.shape) - 1,)):
+        raise ValueError(f"{name}.apply needs the default [..., in, out] layout; this leaf has "
+                         f"in_axes={lay.in_axes}, out_axes={lay.out_axes} (use x @ "
+                         f"materialize(w) reshaped)")
+    if factor.ndim != 2:
+        raise ValueError(f"{name}.apply needs one unbatched matrix; a factor has shape "
+                         f"{factor.shape} (slice the stacked axis first, as lax.scan does)")
+    if x.shape[-1] != m:
+        raise ValueError(f"{name}.apply: x has last axis {x.shape[-1]}, the weight has in={m}")
 
 
 def is_structured(x) -> bool:
