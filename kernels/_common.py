@@ -76,3 +76,26 @@ def pad_axis(x, axis: int, size: int, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def pallas_platform(platform: str | None, name: str) -> str:
+    """'gpu' (Triton) or 'tpu' (Mosaic): the given one, else the backend ('gpu' on CPU).
+
+    Raises ValueError for another value.
+    """
+    if platform is None:
+        return "tpu" if backend() == "tpu" else "gpu"
+    if platform not in ("gpu", "tpu"):
+        raise ValueError(f"{name}: platform must be 'gpu' or 'tpu'; got {platform!r}")
+    return platform
+
+
+def run_pallas(call, *args, platform: str, interpret: bool):
+    """``call(interpret=...)(*args)``; for interpret on the 'tpu' platform, Pallas's TPU
+    interpret mode (``pltpu.force_tpu_interpret_mode``), which checks Mosaic's semantics
+    (memory spaces, DMAs, semaphores) on CPU rather than the generic interpreter."""
+    if interpret and platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+            return call(interpret=False)(*args)
+    return call(interpret=interpret)(*args)

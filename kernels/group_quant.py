@@ -223,3 +223,165 @@ def quantize_fp8(x, group: int = 128, expand: bool = True, *, impl: str | None =
                             accelerator_default="reference") == "reference":
         return quantize_fp8_reference(x, group, expand)
     return quantize_fp8_pallas(x, group, expand, interpret=interpret)
+
+
+# ----------------------------------------------- state groups: linear / DRE (jaxeff.optim).
+# The one home of the group quantizer `jaxeff.optim.compress_state` stores optimizer states
+# with (formulas in jaxeff/optim/_compress.py's docstring): codes = sign(x) Q (|x| / M)^k per
+# group of the last axis, M = absmax, k = COAT's exponent (1 without expansion), int8 codes
+# rounded half to even, E4M3 codes cast. The kernel runs the same function on [64, g] tiles.
+
+GROUP_FORMATS = ("int8", "fp8")
+GROUP_QMAX = {"int8": 127.0, "fp8": 448.0}
+GROUP_TARGET = {"int8": 127.0, "fp8": 448.0 ** 2 / 2}
+_TINY = 1e-30
+
+
+def _sign(x):
+    """jnp.sign (signed zeros and NaN kept) from compares and selects, which every backend lowers."""
+    return jnp.where(x > 0, 1.0, jnp.where(x < 0, -1.0, x))
+
+
+def _round_half_even(q):
+    """jnp.round (half to even) from floor, exact for |q| < 2^23 (Triton lowers no round)."""
+    r = jnp.floor(q)
+    f = q - r                                       # exact: q and r share an exponent range
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0
+    return jnp.where((f > 0.5) | ((f == 0.5) & odd), r + 1.0, r)
+
+
+def _check_group_fmt(name, fmt):
+    if fmt not in GROUP_FORMATS:
+        raise ValueError(f"fmt={fmt!r}: {name} takes 'int8' or 'fp8'")
+
+
+def dre_exponent(absmax, absmin, fmt: str = "fp8"):
+    """COAT's expansion exponent k = floor(16 log2(T) / log2(absmax / absmin)) / 16.
+
+    T = 448^2 / 2 (fp8) or 127 (int8); k = 1 where the ratio is <= 1 (constant or all-zero
+    groups); clipped to [1/16, 1024]. Returns float32 of absmax's shape.
+    """
+    _check_group_fmt("dre_exponent", fmt)
+    ratio = (absmax + _TINY) / (absmin + _TINY)
+    lr = jnp.log2(jnp.maximum(ratio, 1.0))
+    k = jnp.floor(16.0 * math.log2(GROUP_TARGET[fmt]) / jnp.where(lr > 0, lr, 1.0)) / 16.0
+    return jnp.where(lr > 0, jnp.clip(k, 1.0 / 16, 1024.0), 1.0).astype(f32)
+
+
+def _group_math(x, fmt, expand, kernel):
+    """(q float, absmax [..., 1], k [..., 1]) for groups along the last axis of x."""
+    x = x.astype(f32)
+    a = jnp.abs(x)
+    mx = jnp.max(a, axis=-1, keepdims=True)
+    nonzero = mx > 0
+    safe_mx = jnp.where(nonzero, mx, 1.0)
+    if expand:
+        mn = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=-1, keepdims=True)
+        k = dre_exponent(mx, jnp.where(nonzero, mn, mx), fmt)
+    else:
+        k = jnp.ones_like(mx)
+    qmax = GROUP_QMAX[fmt]
+    sign = _sign(x) if kernel else jnp.sign(x)
+    if expand:  # in log2 space: a/M itself can be an f32 denormal, which XLA flushes to zero
+        q = sign * qmax * jnp.exp2(k * (jnp.log2(a) - jnp.log2(safe_mx)))
+    else:       # Q/M is a normal number for any M < Q * 2^126
+        q = x * (qmax / safe_mx)
+    q = jnp.clip(q, -qmax, qmax)
+    if fmt == "int8":
+        q = _round_half_even(q) if kernel else jnp.round(q)
+        if expand:  # k is floored at 1/16: for R > 127^16 keep nonzero values off code 0
+            q = jnp.where((q == 0) & (x != 0), sign, q)
+    return q, mx, k
+
+
+def _group_codes(q, fmt):
+    return q.astype(jnp.int32).astype(jnp.int8) if fmt == "int8" else q.astype(jnp.float8_e4m3fn)
+
+
+def group_quantize_reference(x_GxS, fmt: str = "fp8", expand: bool = True):
+    """Quantize groups along the last axis of x (any leading axes): (codes, absmax, k).
+
+    codes int8 / float8_e4m3fn [..., S]; absmax, k float32 [...] (k = ones when not expand).
+    The definition `jaxeff.optim.compress_state` stores states with.
+    Raises: ValueError for a format other than 'int8' or 'fp8'.
+    """
+    _check_group_fmt("group_quantize", fmt)
+    q, mx, k = _group_math(x_GxS, fmt, expand, kernel=False)
+    return _group_codes(q, fmt), mx[..., 0], k[..., 0]
+
+
+def group_dequantize(codes, absmax, k=None, fmt: str | None = None):
+    """Inverse of group_quantize: x^ = sign(q) M (|q| / Q)^(1/k) in f32 (k=None: linear).
+
+    fmt defaults to the format implied by codes.dtype. Raises ValueError on other dtypes.
+    """
+    if fmt is None:
+        fmt = ("int8" if codes.dtype == jnp.int8 else
+               "fp8" if codes.dtype == jnp.float8_e4m3fn else None)
+    if fmt not in GROUP_QMAX:
+        raise ValueError(f"codes.dtype={codes.dtype}: expected int8 or float8_e4m3fn codes")
+    q = codes.astype(f32)
+    if k is None:
+        return q * (absmax / GROUP_QMAX[fmt])[..., None]
+    e = (jnp.log2(jnp.abs(q)) - math.log2(GROUP_QMAX[fmt])) / k[..., None]
+    return jnp.sign(q) * jnp.exp2(e + jnp.log2(absmax)[..., None])  # one exp2: no underflow
+
+
+def _state_kernel(x_ref, q_ref, m_ref, k_ref, *, fmt, expand):
+    q, mx, k = _group_math(x_ref[...], fmt, expand, kernel=True)
+    q_ref[...] = _group_codes(q, fmt)
+    m_ref[...] = mx
+    k_ref[...] = k
+
+
+def group_quantize_pallas(x_GxS, fmt: str = "fp8", expand: bool = True, *,
+                          interpret: bool = False, platform: str | None = None):
+    """group_quantize_reference as one Pallas pass over [64, S] tiles of groups.
+
+    Same contract and bit-identical codes (int8 rounds half to even from floor and compares). platform: 'gpu' (Triton; S a power of two >= 16) or 'tpu' (Mosaic;
+    S a multiple of 128); default the backend ('gpu' when interpreting on CPU).
+    Raises: ValueError for a bad format, platform or group length.
+    """
+    _check_group_fmt("group_quantize_pallas", fmt)
+    platform = _common.pallas_platform(platform, "group_quantize_pallas")
+    lead, s = x_GxS.shape[:-1], x_GxS.shape[-1]
+    if platform == "gpu":
+        _common.check_pow2("group_quantize_pallas", "group length (last axis)", s, 16)
+    elif s % 128:
+        raise ValueError(f"group_quantize_pallas: the TPU kernel needs a group length that is a "
+                         f"multiple of 128; got {s}")
+    xg = x_GxS.reshape(-1, s)
+    rows = xg.shape[0]
+    xg = _common.pad_axis(xg, 0, _common.round_up(max(rows, 1), _ROWS))
+    size = xg.shape[0]
+    code_dtype = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
+    tile = pl.BlockSpec((_ROWS, s), lambda i: (i, 0))
+    col = pl.BlockSpec((_ROWS, 1), lambda i: (i, 0))
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(num_warps=4)
+    else:
+        params = None
+    call = functools.partial(
+        pl.pallas_call, functools.partial(_state_kernel, fmt=fmt, expand=expand),
+        grid=(size // _ROWS,), in_specs=[tile], out_specs=[tile, col, col],
+        out_shape=[jax.ShapeDtypeStruct((size, s), code_dtype),
+                   jax.ShapeDtypeStruct((size, 1), f32), jax.ShapeDtypeStruct((size, 1), f32)],
+        compiler_params=params, name="jaxeff_group_quantize")
+    q, mx, k = _common.run_pallas(call, xg, platform=platform, interpret=interpret)
+    return (q[:rows].reshape(*lead, s), mx[:rows, 0].reshape(lead), k[:rows, 0].reshape(lead))
+
+
+def group_quantize(x_GxS, fmt: str = "fp8", expand: bool = True, *, impl: str | None = None,
+                   interpret: bool = False):
+    """Group quantization dispatcher (`jaxeff.optim.compress_state` calls it): the reference on
+    every backend unless forced (the kernel is not yet timed on a GPU or TPU; XLA fuses the
+    reference into one pass already). impl='pallas'|'reference' forces one; interpret=True runs
+    the kernel in interpret mode.
+    Raises: ValueError for an unknown impl or format, plus the chosen implementation's checks.
+    """
+    chosen = _common.resolve_impl(impl, interpret, name="group_quantize",
+                                  accelerator_default="reference")
+    if chosen == "reference":
+        return group_quantize_reference(x_GxS, fmt, expand)
+    return group_quantize_pallas(x_GxS, fmt, expand, interpret=interpret)

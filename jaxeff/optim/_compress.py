@@ -23,7 +23,10 @@ codes are rounded to nearest. Storage: 1 byte per value plus 4 (linear) or 8 (DR
 
 Layout: groups run over the smallest suffix of trailing axes whose size ``g`` divides, so the
 leading axes (e.g. the stacked layer axis) stay intact and a leading-axis sharding survives
-compression; codes are ``[..., G, g]``. ``jaxeff.kernels.group_quant`` flattens a whole tensor
+compression; codes are ``[..., G, g]``. The quantizer itself lives in ``jaxeff.kernels.group_quant``
+(``group_quantize_reference`` is the math above; :func:`quantize` and so ``compress_state`` call its
+dispatcher ``group_quantize``, whose Pallas kernel gives the same codes bit for bit). That module's
+older ``quantize_int8`` / ``quantize_fp8`` flatten a whole tensor
 instead; given this module's grouped view flattened to ``[-1, g]`` it produces the same groups and
 the same codes (its int8 ``scale`` is ``absmax / 127``; rounding differs only at exact ties,
 ``tests/optim/test_compress_kernels.py``), so a fused GPU kernel can serve either.
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.kernels import group_quant as _gq
 from jaxeff.select import select_mask, select_values, strip_variables
 
 __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
@@ -48,9 +52,7 @@ __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", 
            "quantize_state", "is_quantized", "quantize_like", "describe_state"]
 
 FORMATS = ("none", "bf16", "int8", "fp8")
-_QMAX = {"int8": 127.0, "fp8": 448.0}
-_TARGET = {"int8": 127.0, "fp8": 448.0 ** 2 / 2}
-_TINY = 1e-30
+_QMAX = _gq.GROUP_QMAX
 
 
 class GroupQuantized(NamedTuple):
@@ -87,64 +89,34 @@ def dre_exponent(absmax, absmin, fmt: str = "fp8"):
     ``absmin`` is the smallest nonzero magnitude of the group. ``k = 1`` where the ratio is
     ``<= 1`` (constant or all-zero groups); k is clipped to ``[1/16, 1024]`` (the upper bound keeps
     ``(a/M)^k`` away from f32 underflow for groups whose values agree to ~1e-6). A multiple of 1/16.
+    Computed by ``jaxeff.kernels.group_quant.dre_exponent`` (the one home of this math).
     """
     _check_fmt(fmt)
-    ratio = (absmax + _TINY) / (absmin + _TINY)
-    lr = jnp.log2(jnp.maximum(ratio, 1.0))
-    k = jnp.floor(16.0 * math.log2(_TARGET[fmt]) / jnp.where(lr > 0, lr, 1.0)) / 16.0
-    return jnp.where(lr > 0, jnp.clip(k, 1.0 / 16, 1024.0), 1.0).astype(jnp.float32)
+    return _gq.dre_exponent(absmax, absmin, fmt)
 
 
 def group_quantize(x_GxS, fmt: str = "fp8", expand: bool = True):
     """Quantize groups along the last axis of ``x_GxS`` (f32): returns ``(codes, absmax, k)``.
 
     ``codes = sign(x) Q (|x|/M)^k`` clipped to ``[-Q, Q]`` then cast to int8 (rounded) or
-    float8_e4m3fn; ``k`` is :func:`dre_exponent` when ``expand`` else ones. The jnp reference that
-    ``jaxeff.kernels`` group (de)quantize kernels are checked against.
+    float8_e4m3fn; ``k`` is :func:`dre_exponent` when ``expand`` else ones. This is
+    ``jaxeff.kernels.group_quant.group_quantize_reference``, the definition its Pallas kernel
+    (``group_quantize_pallas``, Triton and Mosaic) reproduces bit for bit.
 
     Raises ValueError for a format other than 'int8' or 'fp8'.
     """
     if fmt not in _QMAX:
         raise ValueError(f"fmt={fmt!r}: group_quantize takes 'int8' or 'fp8'")
-    x = x_GxS.astype(jnp.float32)
-    a = jnp.abs(x)
-    mx = jnp.max(a, axis=-1)
-    nonzero = mx > 0
-    safe_mx = jnp.where(nonzero, mx, 1.0)
-    if expand:
-        mn = jnp.min(jnp.where(a > 0, a, jnp.inf), axis=-1)
-        k = dre_exponent(mx, jnp.where(nonzero, mn, mx), fmt)
-    else:
-        k = jnp.ones_like(mx)
-    qmax = _QMAX[fmt]
-    if expand:  # in log2 space: a/M itself can be an f32 denormal, which XLA flushes to zero
-        e = k[..., None] * (jnp.log2(a) - jnp.log2(safe_mx)[..., None])
-        q = jnp.sign(x) * qmax * jnp.exp2(e)
-    else:       # Q/M is a normal number for any M < Q * 2^126
-        q = x * (qmax / safe_mx)[..., None]
-    q = jnp.clip(q, -qmax, qmax)
-    if fmt == "int8":
-        q = jnp.round(q)
-        if expand:  # k is floored at 1/16: for R > 127^16 keep nonzero values off code 0
-            q = jnp.where((q == 0) & (x != 0), jnp.sign(x), q)
-    codes = q.astype(jnp.int8) if fmt == "int8" else q.astype(jnp.float8_e4m3fn)
-    return codes, mx, k
+    return _gq.group_quantize_reference(x_GxS, fmt, expand)
 
 
 def group_dequantize(codes, absmax, k=None, fmt: str | None = None):
     """Inverse of :func:`group_quantize`: ``x^ = sign(q) M (|q|/Q)^(1/k)`` in f32 (k=None: linear).
 
     ``fmt`` defaults to the format implied by ``codes.dtype``. Raises ValueError on other dtypes.
+    (``jaxeff.kernels.group_quant.group_dequantize``.)
     """
-    if fmt is None:
-        fmt = "int8" if codes.dtype == jnp.int8 else "fp8" if codes.dtype == jnp.float8_e4m3fn else None
-    if fmt not in _QMAX:
-        raise ValueError(f"codes.dtype={codes.dtype}: expected int8 or float8_e4m3fn codes")
-    q = codes.astype(jnp.float32)
-    if k is None:
-        return q * (absmax / _QMAX[fmt])[..., None]
-    e = (jnp.log2(jnp.abs(q)) - math.log2(_QMAX[fmt])) / k[..., None]
-    return jnp.sign(q) * jnp.exp2(e + jnp.log2(absmax)[..., None])  # one exp2: no underflow
+    return _gq.group_dequantize(codes, absmax, k, fmt)
 
 
 def _grouping(shape, g):
@@ -173,7 +145,7 @@ def quantize(x, fmt: str = "fp8", group_size: int = 128, expand: bool = True):
     if pad:
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
     x = x.reshape(lead + ((tail + pad) // group_size, group_size))
-    codes, mx, k = group_quantize(x, fmt, expand)
+    codes, mx, k = _gq.group_quantize(x, fmt, expand)  # the dispatcher (kernel where it wins)
     return GroupQuantizedDRE(codes, mx, k) if expand else GroupQuantized(codes, mx)
 
 
