@@ -13,7 +13,7 @@ Models from Multi-Head Checkpoints" (Ainslie et al., 2023).
 | function | what |
 |---|---|
 | attention_reference | jnp, f32 softmax; the definition of correctness |
-| attention_pallas | GPU: JAX's Triton flash kernels (`pallas.ops.gpu.attention.mha_forward_kernel` and `mha_backward_kernel`) launched by our own pallas_call with GQA index maps; TPU: `pallas.ops.tpu.flash_attention` |
+| attention_pallas | GPU: JAX's Triton flash kernels (`pallas.ops.gpu.attention.mha_forward_kernel` and `mha_backward_kernel`) launched by our own pallas_call with GQA index maps; TPU: `pallas.ops.tpu.splash_attention` (segment ids, GQA natively) |
 | attention | dispatcher: Pallas on GPU/TPU, reference on CPU; `impl=`/`interpret=` override |
 
 What is ours and what is JAX's (wrap, don't copy):
@@ -24,7 +24,10 @@ What is ours and what is JAX's (wrap, don't copy):
   (2) ragged T: T is padded to a multiple of the (power-of-two) block with segment id -1, and
   the output sliced back. With causal=True and no segment ids the tail padding needs no mask at all.
 - delta = rowsum(o * do) for the backward is computed by XLA in f32 (JAX's helper is private).
-- TPU: flash_attention has no GQA, so K/V are repeated to H heads there; T is padded to 128.
+- TPU: JAX's splash attention (`make_splash_mha`), whose index maps send query head h to kv
+  head h // G (no K/V repeat), with SegmentIds and a causal / full mask and its own backward;
+  queries are pre-scaled by sm_scale, T is padded to a multiple of 128 (blocks of 512, 256 or
+  128). Verified on CPU in Pallas's TPU interpret mode only (no TPU was available).
 Backward of the Pallas path is a jax.custom_vjp (a bare pallas_call is not differentiable).
 
 Measured on one H200 (jax 0.11.2, bf16, causal, 4 packed documents per row + 3 % padding;
@@ -183,22 +186,36 @@ def _gpu_attention_bwd(sm_scale, causal, block_q, block_k, block_bwd, interpret,
 _gpu_attention.defvjp(_gpu_attention_fwd, _gpu_attention_bwd)
 
 
+def _tpu_block(tp: int) -> int:
+    return next(b for b in (512, 256, 128) if tp % b == 0)
+
+
 def _tpu_attention(q, k, v, seg, sm_scale, causal, interpret):
-    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-    group = q.shape[2] // k.shape[2]
-    if group > 1:  # flash_attention has no GQA: repeat the kv heads (XLA sums their grads).
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    to_bhtd = lambda x: x.transpose(0, 2, 1, 3)
-    segs = None if seg is None else tpu_flash.SegmentIds(q=seg, kv=seg)
-    call = lambda: tpu_flash.flash_attention(to_bhtd(q), to_bhtd(k), to_bhtd(v), segment_ids=segs,
-                                             causal=causal, sm_scale=sm_scale)
-    if interpret:
+    """JAX's TPU splash attention: GQA natively (query head h reads kv head h // G, no K/V
+    repeat), segment ids, causal or full mask; its own custom_vjp backward. q, k, v have T
+    padded to a multiple of 128."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    b, t, h, d = q.shape
+    blk = _tpu_block(t)
+    one = sm.CausalMask((t, t)) if causal else sm.FullMask((t, t))
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                          block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
+                          block_kv_dq=blk)
+    if interpret:  # Pallas's TPU interpret mode (Mosaic semantics on CPU), forward and backward
         from jax.experimental.pallas import tpu as pltpu
-        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
-            out = call()
-    else:
-        out = call()
-    return to_bhtd(out)
+        interpret = pltpu.InterpretParams()
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([one] * h), block_sizes=sizes, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+    to_htd = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
+    qs = to_htd(q * jnp.asarray(sm_scale, q.dtype))  # splash takes pre-scaled queries
+    if seg is None:
+        seg = jnp.ones((b, t), jnp.int32)
+
+    def one_row(q1, k1, v1, s1):
+        return kernel(q1, k1, v1, segment_ids=sk.SegmentIds(q=s1, kv=s1))
+
+    return to_htd(jax.vmap(one_row)(qs, to_htd(k), to_htd(v), seg))
 
 
 def attention_pallas(q, k, v, segment_ids=None, *, causal: bool = True, sm_scale=None,
@@ -211,8 +228,8 @@ def attention_pallas(q, k, v, segment_ids=None, *, causal: bool = True, sm_scale
         clipped to the padded sequence length.
       block_bwd: backward tile size (power of two >= 16; default 32 as JAX's mha).
       interpret: run the kernel in Pallas interpret mode (any backend; slow).
-      platform: 'gpu' (Triton) or 'tpu' (Mosaic flash_attention); default: the default backend,
-        or 'gpu' when interpreting on CPU.
+      platform: 'gpu' (Triton) or 'tpu' (Mosaic: JAX's splash attention, GQA without repeating
+        K/V); default: the default backend, or 'gpu' when interpreting on CPU.
     T is padded to a multiple of the block with segment id -1 (attends only to other padding,
     so even the outputs at the caller's own id-0 padding match the reference), so any T >= 1
     works.

@@ -26,14 +26,20 @@ adapter. ``jaxeff.models.llama`` is never imported by the library itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxeff._checks import check_choice
+from jaxeff.kernels import packed_attention as _attention
+from jaxeff.params._linear import linear
+from jaxeff.params._structured import is_structured
+
 __all__ = ["LlamaConfig", "PRESETS", "init_params", "abstract_params", "forward", "loss_fn",
-           "embed", "block", "logits", "param_count", "reference_attention"]
+           "embed", "block", "logits", "param_count", "reference_attention", "project"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,11 @@ class LlamaConfig:
     compute_dtype: str = "float32"
     remat: bool = False
     head_dim: Optional[int] = None
+    # Kernel selection for every projection (jaxeff.params.linear) and the attention
+    # (jaxeff.kernels.attention): None = by backend, 'pallas' / 'reference' force a path;
+    # interpret=True runs the Pallas kernels in interpret mode (CPU tests).
+    impl: Optional[str] = None
+    interpret: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
@@ -76,6 +87,10 @@ class LlamaConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive int; got {v!r}")
+        if self.impl is not None:
+            check_choice("LlamaConfig.impl", self.impl, ("pallas", "reference"))
+        if not isinstance(self.interpret, bool):
+            raise ValueError(f"LlamaConfig.interpret must be a bool; got {self.interpret!r}")
         derived = self.head_dim is None
         if derived and self.d_model % self.n_heads:
             raise ValueError(f"LlamaConfig.d_model={self.d_model} must be divisible by "
@@ -183,28 +198,31 @@ def rope(x_BxLxHxK, positions_BxL, base):
     return out.astype(x_BxLxHxK.dtype)
 
 
-def reference_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal=True):
+def reference_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL=None, *, causal=True):
     """Grouped-query causal attention; token i sees j iff seg_i == seg_j and j <= i.
 
+    ``jaxeff.kernels.attention_reference`` (the one definition; f32 logits and softmax).
     Padding (segment 0) attends only to padding, so no row is fully masked (no NaN).
     """
-    B, L, H, K = q_BxLxHxK.shape
-    G = k_BxLxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-    s_BxGxRxLxL = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
-                             preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
-    mask_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    if causal:
-        mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((L, L), bool))[None]
-    s_BxGxRxLxL = jnp.where(mask_BxLxL[:, None, None], s_BxGxRxLxL, -1e30)
-    p = jax.nn.softmax(s_BxGxRxLxL, axis=-1).astype(v_BxLxGxK.dtype)
-    o_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", p, v_BxLxGxK)
-    return o_BxLxGxRxK.reshape(B, L, H, K)
+    return _attention.attention_reference(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
+                                          causal=causal)
 
 
 def embed(params, inputs_BxL, cfg: LlamaConfig):
     """Token embedding lookup."""
     return params["embed"][inputs_BxL].astype(jnp.dtype(cfg.compute_dtype))
+
+
+def project(x, w, cfg: LlamaConfig):
+    """``x @ w`` through ``jaxeff.params.linear`` with the config's ``impl`` / ``interpret``.
+
+    A dense ``w`` is cast to ``x``'s compute dtype first; a structured weight (SLTrain factors,
+    quantized codes, LoRA, low rank) applies its own product in ``x.dtype`` without
+    densifying.
+    """
+    if not is_structured(w):
+        w = w.astype(x.dtype)
+    return linear(x, w, impl=cfg.impl, interpret=cfg.interpret)
 
 
 def block(lp, x_BxLxD, cfg: LlamaConfig, segment_ids_BxL, positions_BxL,
@@ -218,19 +236,23 @@ def block(lp, x_BxLxD, cfg: LlamaConfig, segment_ids_BxL, positions_BxL,
     B, L, D = x_BxLxD.shape
     H, G, K = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     cd = x_BxLxD.dtype
-    attn = attention_fn or reference_attention
+    attn = attention_fn or functools.partial(_attention.attention, impl=cfg.impl,
+                                             interpret=cfg.interpret)
+
+    def proj(x, name):
+        return project(x, lp[name], cfg)
 
     h_BxLxD = rms_norm(x_BxLxD, lp["attn_norm"], cfg.norm_eps)
-    q = (h_BxLxD @ lp["wq"].astype(cd)).reshape(B, L, H, K)
-    k = (h_BxLxD @ lp["wk"].astype(cd)).reshape(B, L, G, K)
-    v = (h_BxLxD @ lp["wv"].astype(cd)).reshape(B, L, G, K)
+    q = proj(h_BxLxD, "wq").reshape(B, L, H, K)
+    k = proj(h_BxLxD, "wk").reshape(B, L, G, K)
+    v = proj(h_BxLxD, "wv").reshape(B, L, G, K)
     q, k = rope(q, positions_BxL, cfg.rope_base), rope(k, positions_BxL, cfg.rope_base)
-    a_BxLxHK = attn(q, k, v, segment_ids_BxL, True).reshape(B, L, H * K)
-    x_BxLxD = x_BxLxD + a_BxLxHK @ lp["wo"].astype(cd)
+    a_BxLxHK = attn(q, k, v, segment_ids_BxL, causal=True).reshape(B, L, H * K)
+    x_BxLxD = x_BxLxD + proj(a_BxLxHK, "wo")
 
     m_BxLxD = rms_norm(x_BxLxD, lp["mlp_norm"], cfg.norm_eps)
-    u_BxLxF = jax.nn.silu(m_BxLxD @ lp["w_gate"].astype(cd)) * (m_BxLxD @ lp["w_up"].astype(cd))
-    x_BxLxD = x_BxLxD + u_BxLxF @ lp["w_down"].astype(cd)
+    u_BxLxF = jax.nn.silu(proj(m_BxLxD, "w_gate")) * proj(m_BxLxD, "w_up")
+    x_BxLxD = x_BxLxD + proj(u_BxLxF, "w_down")
     if capture is not None:
         capture.update(wq=h_BxLxD, wk=h_BxLxD, wv=h_BxLxD, wo=a_BxLxHK,
                        w_gate=m_BxLxD, w_up=m_BxLxD, w_down=u_BxLxF)
@@ -241,6 +263,8 @@ def logits(params, x_BxLxD, cfg: LlamaConfig):
     """Final norm and output head (the transposed embedding when tied)."""
     h = rms_norm(x_BxLxD, params["final_norm"], cfg.norm_eps)
     w_DxV = params["embed"].T if cfg.tie_embeddings else params["head"]
+    if is_structured(w_DxV):
+        return project(h, w_DxV, cfg).astype(jnp.float32)
     return jnp.einsum("bld,dv->blv", h, w_DxV.astype(h.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -259,8 +283,9 @@ def forward(params, inputs_BxL, cfg: LlamaConfig, segment_ids=None, positions=No
     """Logits ``[B, L, V]`` (float32) for integer ``inputs_BxL``.
 
     ``segment_ids`` (1-based, 0 = padding) default to one segment; ``positions`` default to
-    ``0..L-1``. ``attention_fn(q, k, v, segment_ids, causal)`` replaces the reference attention
-    (e.g. a Pallas kernel from ``jaxeff.kernels``). With ``return_hidden`` also returns the final
+    ``0..L-1``. ``attention_fn(q, k, v, segment_ids, *, causal)`` (the signature of
+    ``jaxeff.kernels.attention``, so the dispatcher itself can be passed) replaces the default,
+    ``jaxeff.kernels.attention`` with the config's ``impl`` / ``interpret``. With ``return_hidden`` also returns the final
     hidden states before the norm.
     """
     if inputs_BxL.ndim != 2:

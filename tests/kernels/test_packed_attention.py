@@ -72,7 +72,8 @@ def test_pallas_gqa_packed_segments_ragged_causal():
 
 
 def test_tpu_flash_path_gqa_segments_in_tpu_interpret_mode():
-    """The TPU path (JAX's flash_attention, kv heads repeated, T padded to 128), fwd + grads."""
+    """The TPU path (JAX's splash attention, GQA without repeating K/V, T padded to 128),
+    fwd + grads, under a forced TPU interpret mode."""
     from jax.experimental.pallas import tpu as pltpu
     q, k, v, ct = _inputs(6, 1, 20, 2, 1, 8)
     seg = jnp.array([[1] * 12 + [2] * 5 + [0] * 3], jnp.int32)
@@ -80,6 +81,19 @@ def test_tpu_flash_path_gqa_segments_in_tpu_interpret_mode():
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         out_p, g_p = _value_and_grads(tpu, q, k, v, seg, ct, True)
     out_r, g_r = _value_and_grads(_reference, q, k, v, seg, ct, True)
+    np.testing.assert_allclose(out_p, out_r, atol=TOL)
+    for a, b in zip(g_p, g_r):
+        np.testing.assert_allclose(a, b, atol=TOL)
+
+
+def test_tpu_splash_path_gqa_full_mask_interpret_flag():
+    """interpret=True alone selects TPU interpret mode for the forward and the backward kernels;
+    GQA group 2, non-causal with segments (splash's FullMask + SegmentIds)."""
+    q, k, v, ct = _inputs(7, 1, 20, 4, 2, 8)
+    seg = jnp.array([[1] * 9 + [2] * 11], jnp.int32)
+    tpu = lambda *a, **kw: A.attention_pallas(*a, platform="tpu", interpret=True, **kw)
+    out_p, g_p = _value_and_grads(tpu, q, k, v, seg, ct, False)
+    out_r, g_r = _value_and_grads(_reference, q, k, v, seg, ct, False)
     np.testing.assert_allclose(out_p, out_r, atol=TOL)
     for a, b in zip(g_p, g_r):
         np.testing.assert_allclose(a, b, atol=TOL)
