@@ -17,7 +17,8 @@ Post-Training Quantization for Generative Pre-trained Transformers" (Frantar et 
 | rtn_quantize | round-to-nearest asymmetric quantizer (GPTQ's Quantizer, no error feedback) |
 | quant_matmul_reference | jnp: dequantize the whole W, then matmul; the definition |
 | quant_matmul_pallas | GPU (Triton): per (M, N) tile, loop over K blocks of one group; unpack the P codes of each word with shifts and run P small dots against stride-P column slices of x (no reshape, no gather); dequant in registers |
-| quant_matmul | dispatcher: Pallas on GPU for <= 16 rows (decode), reference for more rows and on CPU/TPU (no Mosaic kernel written) |
+| quant_matmul_pallas(platform='tpu') | TPU (Mosaic): per [rows, 128] tile, the P code slots of each word as P [in/P, 128] dequantized matrices, dotted with x's columns reordered by slot (one transpose of x outside); verified in TPU interpret mode only |
+| quant_matmul | dispatcher: Pallas on GPU for <= 16 rows (decode), reference for more rows, on CPU and on TPU (the Mosaic kernel is not timed) |
 
 Measured on one H200 (jax 0.11.2, bf16 x, `python kernels/bench.py`), ms, XLA reference
 (dequantize + cuBLAS) / Pallas: 16 x 4096 x 4096 int4 g128 0.051 / 0.050; int8 0.059 / 0.062;
@@ -249,8 +250,73 @@ def _quant_matmul_bwd(bits, group_size, block_m, block_n, interpret, res, gy):
 _quant_matmul.defvjp(_quant_matmul_fwd, _quant_matmul_bwd)
 
 
+# ------------------------------------------------------------------- TPU (Mosaic) kernel.
+
+def _qmm_tpu_kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, *, bits, group_size):
+    """o = x' @ dequant(W) for one [bm, bn] tile; x' has its columns grouped by code slot.
+
+    Word row i of slot t holds input row i * P + t, so slot t's codes form a [K/P, bn] matrix
+    whose rows meet x'[:, t*K/P:(t+1)*K/P] (x reordered once outside: x'[:, t*K/P + i] =
+    x[:, i*P + t]). Group of row i*P + t is i // (group_size / P): a broadcast, no gather.
+    """
+    per = 32 // bits
+    kw, bn = qw_ref.shape
+    gw = group_size // per
+    ng = kw // gw
+    mask = (1 << bits) - 1
+    words = qw_ref[...]
+    scale = s_ref[...].astype(jnp.float32).reshape(ng, 1, bn)
+    zero = z_ref[...].astype(jnp.float32).reshape(ng, 1, bn)
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
+    for t in range(per):  # static unroll over the P code slots of a word
+        q = (jax.lax.shift_right_logical(words, jnp.int32(bits * t)) & mask).astype(jnp.float32)
+        w = ((q.reshape(ng, gw, bn) - zero) * scale).reshape(kw, bn).astype(x_ref.dtype)
+        acc = acc + jnp.dot(x_ref[:, t * kw:(t + 1) * kw], w, preferred_element_type=jnp.float32)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _qmm_tpu(x, qweight, scales, zeros, bits, group_size, interpret):
+    from . import _common as c
+    per = 32 // bits
+    m, din = x.shape
+    dout = qweight.shape[1]
+    bm = min(128, c.round_up(m, 8))
+    bn = 128 if dout % 128 == 0 else dout
+    mp = c.round_up(m, bm)
+    xr = c.pad_axis(x, 0, mp).reshape(mp, din // per, per).transpose(0, 2, 1).reshape(mp, din)
+    words = jax.lax.bitcast_convert_type(qweight, jnp.int32)
+    ng = din // group_size
+    call = functools.partial(
+        pl.pallas_call, functools.partial(_qmm_tpu_kernel, bits=bits, group_size=group_size),
+        grid=(mp // bm, dout // bn),
+        in_specs=[pl.BlockSpec((bm, din), lambda i, j: (i, 0)),
+                  pl.BlockSpec((din // per, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((ng, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((ng, bn), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((mp, dout), x.dtype), name="jaxeff_quant_matmul_tpu")
+    return c.run_pallas(call, xr, words, scales, zeros, platform="tpu", interpret=interpret)[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _quant_matmul_tpu(x, qweight, scales, zeros, bits, group_size, interpret):
+    return _qmm_tpu(x, qweight, scales, zeros, bits, group_size, interpret)
+
+
+def _quant_matmul_tpu_fwd(x, qweight, scales, zeros, *static):
+    return _quant_matmul_tpu(x, qweight, scales, zeros, *static), (qweight, scales, zeros)
+
+
+def _quant_matmul_tpu_bwd(bits, group_size, interpret, res, gy):
+    return _quant_matmul_bwd(bits, group_size, None, None, interpret, res, gy)
+
+
+_quant_matmul_tpu.defvjp(_quant_matmul_tpu_fwd, _quant_matmul_tpu_bwd)
+
+
 def quant_matmul_pallas(x, qweight, scales, zeros, *, bits: int = 4, group_size: int = 128,
-                        block_m: int = 64, block_n: int | None = None, interpret: bool = False):
+                        block_m: int = 64, block_n: int | None = None, interpret: bool = False,
+                        platform: str | None = None):
     """y = x @ dequant(W) with the Triton kernel (layout in the module docstring).
 
     Args as in `quant_matmul_reference`, plus block_m (default 64; clipped to N, min 16),
@@ -262,6 +328,12 @@ def quant_matmul_pallas(x, qweight, scales, zeros, *, bits: int = 4, group_size:
     """
     name = "quant_matmul_pallas"
     _check(name, x, qweight, scales, zeros, bits, group_size)
+    if _common.pallas_platform(platform, name) == "tpu":
+        per = 32 // bits
+        if group_size % (8 * per):
+            raise ValueError(f"{name}: the TPU kernel needs group_size a multiple of {8 * per} "
+                             f"for bits={bits} (8 packed rows per group); got {group_size}")
+        return _quant_matmul_tpu(x, qweight, scales, zeros, bits, group_size, interpret)
     if block_n is None:  # Largest block that still gives >= 2 programs per H200 SM (132 SMs).
         dout = qweight.shape[1]
         rows = pl.cdiv(x.shape[0], min(block_m, max(16, pl.next_power_of_2(x.shape[0]))))
@@ -286,8 +358,9 @@ def quant_matmul(x, qweight, scales, zeros, *, bits: int = 4, group_size: int = 
     On an H200 (kernels/bench.py) the kernel ties or beats XLA's dequantize-then-cuBLAS at 16
     rows (2x on 4096 x 11008) but is 8x slower at 64 rows and 5x at 4096, so larger inputs and
     CPU use the reference, as do layouts outside the kernel's constraints (group_size a
-    multiple of 16 * 32 // bits, out a multiple of 16). On TPU impl=None picks the Mosaic
-    kernel under the same row threshold.
+    multiple of 16 * 32 // bits, out a multiple of 16). On TPU impl=None keeps the reference
+    (the Mosaic kernel, `quant_matmul_pallas(platform='tpu')`, is verified in TPU interpret
+    mode only and not timed).
     Leading batch axes of x are flattened. impl='pallas'|'reference' forces one; interpret=True
     runs the kernel in interpret mode.
     Raises: ValueError for an unknown impl, plus the chosen implementation's checks.

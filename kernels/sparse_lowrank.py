@@ -18,7 +18,8 @@ Paper: "SLTrain: a sparse plus low-rank approach for parameter and memory effici
 |---|---|
 | sltrain_matmul_reference | jnp: materialises W, autodiff backward; the definition |
 | sltrain_matmul_pallas | custom_vjp. gvalues: a Triton sampled dense-dense kernel (SDDMM) so the dense [in, out] gradient x^T @ gy is never formed. y and gx: XLA's matmul on the materialised W (fused=False, default), or (fused=True) our Triton kernel `x @ S + scale * (x@A) @ B` that adds the low-rank product in the tile epilogue so W is never built. gA, gB: skinny XLA matmuls |
-| sltrain_matmul | dispatcher: sltrain_matmul_pallas(fused=False) on GPU, reference on CPU and TPU (no Mosaic kernel written) |
+| sltrain_matmul_pallas(platform='tpu') | TPU (Mosaic): the fused `x @ S + scale * (x@A) @ B` tile kernel for y and gx (S built densely, W never); gvalues by XLA (dense x^T gy, sampled); verified in TPU interpret mode only |
+| sltrain_matmul | dispatcher: sltrain_matmul_pallas(fused=False) on GPU, reference on CPU and TPU (the Mosaic kernel is not timed) |
 
 Measured on one H200 (jax 0.11.2, bf16, density 0.03; `python kernels/bench.py`), fwd+bwd ms,
 XLA reference / fused=False / fused=True: N8192 2048x2048 r512: 0.765 / 0.734 / 0.876;
@@ -219,9 +220,70 @@ def _sltrain_bwd(scale, blocks, fused, interpret, res, gy):
 _sltrain.defvjp(_sltrain_fwd, _sltrain_bwd)
 
 
+# ------------------------------------------------------------------- TPU (Mosaic) kernel.
+
+def _lowrank_tpu_kernel(x_ref, w_ref, xa_ref, b_ref, o_ref, *, scale):
+    """o = x @ w + scale * xa @ b for one [bm, bn] tile (whole K and r per tile), f32 acc."""
+    acc = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+    low = jnp.dot(xa_ref[...], b_ref[...], preferred_element_type=jnp.float32)
+    o_ref[...] = (acc + scale * low).astype(o_ref.dtype)
+
+
+def _lowrank_tpu(x, w, xa, b, scale, interpret):
+    """x [M, K] @ w [K, N] + scale * xa [M, R] @ b [R, N] as a Mosaic kernel over (M, N) tiles."""
+    m, kdim = x.shape
+    n, r = w.shape[1], xa.shape[1]
+    bm = min(128, _common.round_up(m, 8))
+    bn = 128 if n % 128 == 0 else n
+    mp = _common.round_up(m, bm)
+    xp = _common.pad_axis(x, 0, mp)
+    xap = _common.pad_axis(xa.astype(x.dtype), 0, mp)
+    call = functools.partial(
+        pl.pallas_call, functools.partial(_lowrank_tpu_kernel, scale=float(scale)),
+        grid=(mp // bm, n // bn),
+        in_specs=[pl.BlockSpec((bm, kdim), lambda i, j: (i, 0)),
+                  pl.BlockSpec((kdim, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((bm, r), lambda i, j: (i, 0)),
+                  pl.BlockSpec((r, bn), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((mp, n), x.dtype), name="jaxeff_sltrain_matmul_tpu")
+    return _common.run_pallas(call, xp, w.astype(x.dtype), xap, b.astype(x.dtype),
+                              platform="tpu", interpret=interpret)[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _sltrain_tpu(x, a, b, indices, values, scale, interpret):
+    s = sparse_dense(indices, values, (a.shape[0], b.shape[1]), x.dtype)
+    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _lowrank_tpu(x, s, xa, b, scale, interpret)
+
+
+def _sltrain_tpu_fwd(x, a, b, indices, values, scale, interpret):
+    return _sltrain_tpu(x, a, b, indices, values, scale, interpret), (x, a, b, indices, values)
+
+
+def _sltrain_tpu_bwd(scale, interpret, res, gy):
+    x, a, b, indices, values = res
+    f32 = jnp.float32
+    gy = gy.astype(x.dtype)
+    gyb = jnp.dot(gy, b.astype(gy.dtype).T, preferred_element_type=f32)       # [N, r]
+    s = sparse_dense(indices, values, (a.shape[0], b.shape[1]), x.dtype)
+    gx = _lowrank_tpu(gy, s.T, gyb, a.T, scale, interpret)
+    ga = scale * jnp.dot(x.T, gyb.astype(x.dtype), preferred_element_type=f32)
+    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=f32)
+    gb = scale * jnp.dot(xa.astype(x.dtype).T, gy, preferred_element_type=f32)
+    out = b.shape[1]  # gvalues: XLA's dense x^T gy sampled at the support (no TPU SDDMM kernel)
+    gw = jnp.dot(x.T, gy, preferred_element_type=f32)
+    gv = gw[indices // out, indices % out]
+    return gx, ga.astype(a.dtype), gb.astype(b.dtype), None, gv.astype(values.dtype)
+
+
+_sltrain_tpu.defvjp(_sltrain_tpu_fwd, _sltrain_tpu_bwd)
+
+
 def sltrain_matmul_pallas(x, a, b, indices, values, scale: float, *, fused: bool = False,
                           block_m: int = 128, block_n: int = 128, block_k: int = 64,
-                          interpret: bool = False):
+                          interpret: bool = False, platform: str | None = None):
     """y = x @ (scale * a @ b + S) with Triton kernels; differentiable (custom_vjp).
 
     Args as in `sltrain_matmul_reference`, plus
@@ -229,10 +291,16 @@ def sltrain_matmul_pallas(x, a, b, indices, values, scale: float, *, fused: bool
         gx and the SDDMM kernel for gvalues (the dense [in, out] gradient is never formed);
         True also runs y and gx through the fused sparse + low-rank Triton matmul (W never built);
       block_m, block_n, block_k: fused-kernel tiles (powers of two >= 16; 128, 128, 64);
-      interpret. Any N, in, out, r: operands are zero-padded to blocks.
+      interpret; platform: 'gpu' (Triton, above) or 'tpu' (Mosaic: y and gx through the fused
+        `x @ S + scale * (x@A) @ B` kernel over [<=128 rows, 128 or all columns] tiles with
+        the whole in and r per tile; gvalues from XLA's dense x^T gy sampled at the support;
+        the block arguments are ignored); default the backend, 'gpu' on CPU.
+      Any N, in, out, r: operands are zero-padded to blocks.
     Raises: ValueError / TypeError for bad shapes, dtypes or block sizes.
     """
     _check("sltrain_matmul_pallas", x, a, b, indices, values, scale)
+    if _common.pallas_platform(platform, "sltrain_matmul_pallas") == "tpu":
+        return _sltrain_tpu(x, a, b, indices.astype(jnp.int32), values, float(scale), interpret)
     for arg, val in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         _common.check_pow2("sltrain_matmul_pallas", arg, val, 16)
     return _sltrain(x, a, b, indices.astype(jnp.int32), values, float(scale),

@@ -89,3 +89,26 @@ def test_bad_inputs_raise_clear_errors():
         Q.quant_matmul(x, qw.astype(jnp.int32), s, z, group_size=64)
     with pytest.raises(ValueError, match="group_size must be a multiple of 128"):
         Q.quant_matmul_pallas(x, qw, s, z, group_size=64, interpret=True)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 32)])
+def test_tpu_kernel_in_tpu_interpret_mode_forward_and_grad(bits, group):
+    """The Mosaic kernel (platform='tpu') under Pallas's TPU interpret mode vs the reference."""
+    rng = np.random.default_rng(10 + bits)
+    w, x, gy = _f32(rng, 128, 32), _f32(rng, 3, 128), _f32(rng, 3, 32)
+    qw, s, z = _rtn(w, bits, group)
+    kw = dict(bits=bits, group_size=group)
+
+    def fwd_grad(f):
+        def loss(x):
+            y = f(x, qw, s, z, **kw)
+            return jnp.sum(y * gy), y
+        (_, y), gx = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+        return y, gx
+
+    got = fwd_grad(lambda *a, **k: Q.quant_matmul_pallas(*a, interpret=True, platform="tpu", **k))
+    want = fwd_grad(Q.quant_matmul_reference)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    with pytest.raises(ValueError, match="TPU kernel needs group_size"):
+        Q.quant_matmul_pallas(x, *_rtn(w, 4, 32), group_size=32, platform="tpu", interpret=True)

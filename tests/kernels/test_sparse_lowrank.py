@@ -79,3 +79,14 @@ def test_bad_inputs_raise_clear_errors():
         S.sltrain_matmul(x, a, b, idx, vals, jnp.float32(0.5))
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         S.sltrain_matmul_pallas(x, a, b, idx, vals, 0.5, block_k=24, interpret=True)
+
+
+def test_tpu_kernel_in_tpu_interpret_mode_forward_and_grads():
+    """The Mosaic path (platform='tpu') under Pallas's TPU interpret mode: y and all grads."""
+    x, a, b, idx, vals, gy = _problem(9, 5, 24, 20, 4, 50)
+    tpu = lambda *z: S.sltrain_matmul_pallas(*z, interpret=True, platform="tpu")  # noqa: E731
+    y, g = _fwd_and_grads(tpu, x, a, b, idx, vals, gy, 0.5)
+    y_ref, g_ref = _fwd_and_grads(S.sltrain_matmul_reference, x, a, b, idx, vals, gy, 0.5)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g, g_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
