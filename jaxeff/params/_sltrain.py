@@ -39,8 +39,10 @@ On a flax NNX model (``nnx.split`` / ``nnx.merge``; paths ignore the ``nnx.Param
         return model_loss(m, batch)
     # after training: nnx.update(model, materialize(combine(trainable, frozen)))
 
-Kernel hook: :meth:`SLTrainWeight.factors` returns ``(A, B, scale, indices, values)`` so a fused
-sparse-plus-low-rank matmul (``jaxeff.kernels``) can consume the leaf without densifying it.
+Applying the weight: ``jaxeff.params.linear(x, w)`` calls :meth:`SLTrainWeight.apply`, the
+product ``s (x @ A) @ B + x @ S`` through ``jaxeff.kernels.sltrain_matmul`` (the Triton kernels on
+GPU), so a model whose weights are SLTrain factors never holds the dense W as a parameter;
+:meth:`SLTrainWeight.factors` returns ``(A, B, scale, indices, values)`` for other kernels.
 """
 
 from __future__ import annotations
