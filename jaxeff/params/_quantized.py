@@ -161,10 +161,16 @@ class QuantizedWeight(StructuredWeight):
         matrix and use XLA. The leaf must hold one matrix (arrays ``packed [W, OUT]``: an
         unstacked leaf or a layer sliced by ``lax.scan``). Result in ``x.dtype``. Only ``x``
         gets a gradient (codes are post-training constants).
-        Raises ValueError for a stacked leaf, an ``x`` whose last axis is not IN, or
-        ``impl='pallas'`` on a layout the kernel does not take.
+        Raises ValueError for a stacked leaf, a leaf with a ``layout`` (``matrix_axes``), an
+        ``x`` whose last axis is not IN, or ``impl='pallas'`` on a layout the kernel does not
+        take.
         """
         n_in = self.shape[-2]
+        if self.layout is not None:
+            raise ValueError(f"QuantizedWeight.apply needs the default [..., IN, OUT] layout; this "
+                             f"leaf was quantized with matrix_axes (in_axes="
+                             f"{self.layout.in_axes}, out_axes={self.layout.out_axes}): use "
+                             f"x @ materialize(w) with the leaf's own contraction")
         if self.packed.ndim != 2:
             raise ValueError(f"QuantizedWeight.apply needs one matrix; packed has shape "
                              f"{self.packed.shape} (slice the stacked axis first, as lax.scan "

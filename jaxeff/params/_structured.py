@@ -105,14 +105,14 @@ def check_single_matrix(w, factor: jax.Array, x: jax.Array, m: int) -> None:
 
     ``factor`` is a field whose matrix form has 2 axes (more: a stacked leaf). A leaf sliced by
     ``lax.scan`` keeps its stacked static layout but 2-axis arrays, and passes.
-    Raises ValueError for a stacked leaf, explicit ``dims`` or a mismatched ``x``.
+    Raises ValueError for a stacked leaf, explicit ``matrix_axes`` or a mismatched ``x``.
     """
     lay = getattr(w, "layout", None)
     name = type(w).__name__
     if lay is not None and (lay.in_axes != (len(lay.shape) - 2,)
                             or lay.out_axes != (len(lay.shape) - 1,)):
         raise ValueError(f"{name}.apply needs the default [..., in, out] layout; this leaf has "
-                         f"in_axes={lay.in_axes}, out_axes={lay.out_axes} (use x @ "
+                         f"in_axes={lay.in_axes}, out_axes={lay.out_axes} (matrix_axes; use x @ "
                          f"materialize(w) reshaped)")
     if factor.ndim != 2:
         raise ValueError(f"{name}.apply needs one unbatched matrix; a factor has shape "
