@@ -1,4 +1,4 @@
-"""Sharding rules for optimizer states and structured-parameter trees, derived from the params'.
+"""Sharding machinery for optimizer states and structured-parameter trees, derived from the params'.
 
 ``derive_shardings(tree, params, param_shardings)`` returns one ``NamedSharding`` per leaf of
 ``tree`` (an optimizer state, a train state, a tree of structured weights; arrays or
@@ -9,8 +9,7 @@ belongs to, without gathering. The walk over ``tree``, at each node, first match
    ``mu``/``nu``, Sophia's ``h``, pruning masks, EMA copies; ``optax.MaskedNode`` / ``None`` holes
    allowed) is walked leaf by leaf with that leaf's param as context.
 2. **Rule.** A node whose type (or a base class) has a registered rule is handed to it
-   (:func:`register_rule`; rules for jaxeff's own states are registered below by qualified class
-   name, so importing this module imports none of them).
+   (:func:`register_rule`).
 3. **Leaf.** An array with a param as context takes the param's spec when the shapes are equal;
    with a different shape, the spec of each param axis whose size it shares at the same position
    (or with one param axis dropped: Adafactor's row/column factors). Without a param: scalars
@@ -20,34 +19,18 @@ belongs to, without gathering. The walk over ``tree``, at each node, first match
 Every spec is then checked against the leaf's shape: an axis whose size the mesh axes do not
 divide falls back to unsharded (never an error), and a mesh axis is used at most once.
 
-Registered rules (``m x n`` is a param's matrix, its last two axes; ``b`` the leading axes):
+**Each state owns its sharding** (DESIGN.md): the rule of each of jaxeff's states and structured
+weights is registered beside its class, in the class's own module (so a node's rule is registered
+whenever the node can exist), and documented there:
 
-* Sophia: ``mu`` and the Hessian EMA ``h`` take the param sharding; counters and key replicated.
-* GaLore (``GaLoreState``): projector ``P [b, m, r]`` (left) shards ``m`` as the param shards
-  ``m``, ``P [b, n, r]`` (right) shards ``n`` as the param shards ``n``; otherwise ``P`` is
-  replicated (it is small, and a replicated ``P`` makes ``P^T G`` / ``G P`` local). Low-rank moments
-  ``[b, r, n]`` (left) shard ``n`` and ``[b, m, r]`` (right) shard ``m`` with the param's mesh axis
-  of that dimension, **or, when the param shards the projected dimension instead, with that mesh
-  axis** (our choice: the moment memory is divided by the axis size, for one all-gather of the
-  ``[b, r, n]`` low-rank update per step; a replicated moment would avoid that gather but hold
-  the whole moment on every device); 'full' ``[b, r, r]`` keeps only the batch spec.
-  Which param a projector belongs to is read from the shapes of the inner state (the leaves whose
-  moments differ from the param shape); leaves with a non-default ``matrix_axes`` layout fall back
-  to a replicated projector.
-* Compressed states (``compress.GroupQuantized[DRE]``): codes ``[lead, G, g]`` and per-group
-  ``scale`` / ``k`` ``[lead, G]`` keep the param's spec on the ``lead`` axes; when the param shards
-  one of the grouped tail axes, the group axis ``G`` is sharded with it. That is exactly the
-  param's layout when the sharded axis is the first grouped one; otherwise (e.g. a ``[D, V]`` head
-  sharded on ``V`` and grouped as a whole) the layout differs and XLA re-shards the moment in
-  every update (an all-to-all), which we prefer to a replicated moment.
-* Pruning (``SparseState``): masks take the param sharding; the inner state is walked.
-* Structured weights, from the dense weight's spec (``MatrixLayout.matrix_spec``): SLTrain / LoRA
-  ``A [b, m, r]`` shards ``m``, ``B [b, r, n]`` shards ``n``; SLTrain's ``indices`` / ``values``
-  ``[b, nnz]`` shard ``nnz`` over the mesh axis of the dense matrix when it divides ``nnz``; LoRA's
-  ``base`` keeps the dense spec; low-rank ``L``/``R`` and SVFit ``U``/``Vt``/``residual`` likewise;
-  ``QuantizedWeight`` codes ``packed [b, IN/P, OUT]`` and ``scale``/``zero [b, G, OUT]`` keep the
-  ``OUT`` spec and shard their packed/grouped ``IN`` axis when whole words / groups fall in each
-  shard; ``perm [b, IN]`` shards ``IN``. Other ``StructuredWeight``s use their ``factor_specs``.
+* ``SophiaState`` (``jaxeff/optim/_sophia.py``), ``SparseState`` (``_sparsity.py``),
+  ``ParamEMAState`` (``_param_ema.py``), ``GroupQuantized`` / ``GroupQuantizedDRE`` /
+  ``CompressedState`` (``_compress.py``), ``GaLoreState`` (``_galore.py``: projectors keyed by
+  parameter path);
+* ``SLTrainWeight`` (``jaxeff/params/_sltrain.py``), ``LowRankWeight`` / ``SVFitWeight``
+  (``_lowrank.py``), ``LoRAWeight`` (``_lora.py``), ``QuantizedWeight`` (``_quantized.py``), all
+  through ``jaxeff.params._structured.structured_rule`` (field specs from the dense weight's
+  spec); a ``StructuredWeight`` without a rule has its fields aligned to the dense spec (rule 3).
 * Growth: nothing to register: a grown state is re-derived from the grown params
   (``jaxeff.train.state_shardings(grown_state, mesh)``).
 
@@ -76,10 +59,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxeff import sharding as shd
-from jaxeff.params._structured import is_structured
+from jaxeff.select import flatten_with_paths
 
+# Imports nothing of jaxeff.optim / jaxeff.params: their modules import this one to register rules.
 __all__ = ["ParamInfo", "Context", "derive_shardings", "fsdp_param_shardings", "fsdp_fallback",
-           "register_rule", "rule_for", "aligned_spec"]
+           "register_rule", "rule_for", "aligned_spec", "axis_names"]
 
 _RULES: dict = {}
 
@@ -99,7 +83,8 @@ def _shape(x) -> tuple:
     return tuple(getattr(x, "shape", np.shape(x)))
 
 
-def _names(entry) -> tuple:
+def axis_names(entry) -> tuple:
+    """The mesh axis names of one ``PartitionSpec`` entry (``()`` for None / unconstrained)."""
     if entry is None or entry is P.UNCONSTRAINED:
         return ()
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
@@ -122,7 +107,7 @@ class Context:
         spec = tuple(spec)[:len(shape)] + (None,) * max(0, len(shape) - len(tuple(spec)))
         used, out = set(), []
         for d, e in zip(shape, spec):
-            names = _names(e)
+            names = axis_names(e)
             size = math.prod(self.mesh.shape.get(n, 0) for n in names) if names else 1
             if not names or used & set(names) or size == 0 or d % size:
                 out.append(None)
@@ -138,6 +123,21 @@ class Context:
 
     def with_(self, **kw) -> "Context":
         return dataclasses.replace(self, **kw)
+
+    def params_by_path(self) -> dict:
+        """``{path: ParamInfo}`` of ``params`` (``jaxeff.select.flatten_with_paths`` paths, as
+        GaLore keys its projectors; ``{}`` when
+        there are no params), for rules that key their children by parameter path (GaLore)."""
+        if self.params is None:
+            return {}
+        flat, _ = flatten_with_paths(self.params, is_leaf=_is_info)
+        return dict(flat)
+
+    def with_params_at(self, infos: dict) -> "Context":
+        """This context with the :class:`ParamInfo` at each path of ``infos`` replaced (e.g. by
+        the shape and spec of a low-rank moment); other params unchanged."""
+        flat, treedef = flatten_with_paths(self.params, is_leaf=_is_info)
+        return self.with_(params=treedef.unflatten([infos.get(k, i) for k, i in flat]))
 
     def leaf(self, x) -> NamedSharding:
         """Rule 3 of the module docstring for one array leaf."""
@@ -252,7 +252,7 @@ def _to_infos(params, param_shardings, mesh):
     if mesh is None:
         raise ValueError("mesh is None and param_shardings holds no NamedSharding to take it from")
     for i in infos:
-        for n in (n for e in i.spec for n in _names(e)):
+        for n in (n for e in i.spec for n in axis_names(e)):
             if n not in mesh.shape:
                 raise ValueError(f"param spec {P(*i.spec)} names mesh axis {n!r}; the mesh has "
                                  f"{tuple(mesh.axis_names)}")
@@ -303,6 +303,7 @@ def fsdp_param_shardings(params, mesh: Mesh, *, axis: str = "fsdp", min_size: in
     its dense ``shape`` and then its registered rule (factors follow the dense weight's axes).
     A mesh without ``axis`` (or with size 1) replicates everything.
     """
+    from jaxeff.params._structured import is_structured
     dense = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), np.float32)
                          if is_structured(x) and hasattr(x, "shape") else x, params,
                          is_leaf=is_structured)
@@ -310,197 +311,3 @@ def fsdp_param_shardings(params, mesh: Mesh, *, axis: str = "fsdp", min_size: in
     if not any(is_structured(x) for x in jax.tree.leaves(params, is_leaf=is_structured)):
         return dense_sh
     return derive_shardings(params, dense, dense_sh, mesh)
-
-
-# ------------------------------------------------------------------------------------------------
-# Rules for jaxeff's own states (registered by qualified name: nothing is imported until used).
-
-def _matrix(info: ParamInfo):
-    return info.spec[:-2], info.spec[-2], info.spec[-1]
-
-
-@register_rule("jaxeff.optim._sophia.SophiaState")
-def _sophia(s, ctx):
-    rep = ctx.replicated
-    return s._replace(count=rep(s.count), mu=ctx.walk(s.mu), h=ctx.walk(s.h),
-                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate))
-
-
-@register_rule("jaxeff.optim._sparsity.SparseState")
-def _sparse(s, ctx):
-    rep = ctx.replicated
-    return s._replace(count=rep(s.count), masks=ctx.walk(s.masks),
-                      inner_state=ctx.walk(s.inner_state), density_sum=rep(s.density_sum),
-                      density_comp=rep(s.density_comp), dense=rep(s.dense))
-
-
-_GROUPED = ("jaxeff.optim._compress.GroupQuantized", "jaxeff.optim._compress.GroupQuantizedDRE")
-
-
-def _is_grouped(x) -> bool:
-    return any(f"{k.__module__}.{k.__qualname__}" in _GROUPED for k in type(x).__mro__)
-
-
-_CODES_CACHE: dict = {}
-
-
-def _codes_shape(shape, group_size) -> tuple:
-    """Shape of ``compress.quantize``'s codes for a dense leaf of ``shape``."""
-    key = (tuple(shape), group_size)
-    if key not in _CODES_CACHE:
-        from jaxeff.optim import _compress as compress
-        out = jax.eval_shape(lambda x: compress.quantize(x, "int8", group_size, False),
-                             jax.ShapeDtypeStruct(tuple(shape), np.float32))
-        _CODES_CACHE[key] = tuple(out.codes.shape)
-    return _CODES_CACHE[key]
-
-
-def _grouped(q, ctx):
-    info = ctx.param
-    if info is None or _codes_shape(info.shape, q.codes.shape[-1]) != tuple(q.codes.shape):
-        return ctx.children(q)
-    lead = q.codes.ndim - 2
-    names = tuple(n for e in info.spec[lead:] for n in _names(e))
-    g_spec = None if not names else names[0] if len(names) == 1 else names
-    per_group = ctx.sharding(q.scale.shape, info.spec[:lead] + (g_spec,))
-    return q._replace(codes=ctx.sharding(q.codes.shape, info.spec[:lead] + (g_spec, None)),
-                      **{f: per_group for f in q._fields if f != "codes"})
-
-
-for _name in _GROUPED:
-    register_rule(_name, _grouped)
-
-
-def _galore_sides(info: ParamInfo, ps, lows):
-    """Which sides ``ps`` project the param's matrix on, or None when they cannot belong to it."""
-    if len(info.shape) < 2 or not ps:
-        return None
-    (m, n), b = info.shape[-2:], info.shape[:-2]
-    if any(tuple(p.shape[:-2]) != b for p in ps):
-        return None
-    r, d = ps[0].shape[-1], ps[0].shape[-2]
-    if len(ps) == 2:
-        return ("left", "right") if d == m and ps[1].shape[-2] == n else None
-    if r > min(m, n) or d not in (m, n):
-        return None
-    if m != n:
-        return ("left",) if d == m else ("right",)
-    return ("left",) if b + (r, n) in lows and b + (m, r) not in lows else ("right",)
-
-
-def _galore_plan(s, ctx):
-    """``[(param index, sides)]``, one per projector: the params whose moments in the inner state
-    differ from the param shape; else the first compatible param for each projector in turn."""
-    infos = jax.tree.leaves(ctx.params, is_leaf=_is_info)
-    lows: dict = {}
-
-    def visit(node):
-        sub = _mirror(node, ctx.params)
-        if sub is None:
-            kids, td = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
-            if not (td.num_nodes == 1 and td.num_leaves == 1):
-                for k in kids:
-                    visit(k)
-            return
-        for i, x in enumerate(sub[1]):
-            for y in jax.tree.leaves(x, is_leaf=_is_grouped):
-                if _is_grouped(y):
-                    if tuple(y.codes.shape) != _codes_shape(infos[i].shape, y.codes.shape[-1]):
-                        lows.setdefault(i, set())
-                elif _shape(y) != infos[i].shape:
-                    lows.setdefault(i, set()).add(_shape(y))
-
-    visit(s.inner_state)
-    idx = sorted(lows)
-    plan = [(i, _galore_sides(infos[i], ps, lows[i])) for i, ps in zip(idx, s.projectors)]
-    if len(idx) == len(s.projectors) and all(sd for _, sd in plan):
-        return plan
-    plan, j = [], 0
-    for ps in s.projectors:
-        while j < len(infos) and _galore_sides(infos[j], ps, set()) is None:
-            j += 1
-        if j == len(infos):
-            return None
-        plan.append((j, _galore_sides(infos[j], ps, set())))
-        j += 1
-    return plan
-
-
-@register_rule("jaxeff.optim._galore.GaLoreState")
-def _galore(s, ctx):
-    rep = ctx.replicated
-    plan = _galore_plan(s, ctx) if ctx.params is not None else None
-    if plan is None:  # no params to read shapes from: projectors replicated
-        return s._replace(count=rep(s.count), projectors=rep(s.projectors),
-                          inner_state=ctx.walk(s.inner_state))
-    infos = jax.tree.leaves(ctx.params, is_leaf=_is_info)
-    low, projs = list(infos), []
-    for (i, sides), ps in zip(plan, s.projectors):
-        (b, ms, ns), (m, n) = _matrix(infos[i]), infos[i].shape[-2:]
-        projs.append(tuple(ctx.sharding(p.shape, b + (ms if side == "left" else ns, None))
-                           for p, side in zip(ps, sides)))
-        r = ps[0].shape[-1]
-        if sides == ("left",):      # [b, r, n]: n sharded as the param's n, else as its m
-            shape, spec = (r, n), (None, ns if _names(ns) else ms)
-        elif sides == ("right",):   # [b, m, r]
-            shape, spec = (m, r), (ms if _names(ms) else ns, None)
-        else:
-            shape, spec = (r, r), (None, None)
-        low[i] = ParamInfo(infos[i].shape[:-2] + shape, b + spec)
-    low_view = jax.tree.structure(ctx.params, is_leaf=_is_info).unflatten(low)
-    return s._replace(count=rep(s.count), projectors=tuple(projs),
-                      inner_state=ctx.with_(params=low_view).walk(s.inner_state))
-
-
-def _structured_rule(field_specs):
-    """A rule for a structured weight from ``field_specs(w, ctx, info, b, m_spec, n_spec) ->
-    {field: spec}``, where ``b, m_spec, n_spec`` split the dense weight's spec (its
-    ``layout.matrix_spec``, else the last two axes); ``None`` fields (``partition`` holes) stay
-    None."""
-    def rule(w, ctx):
-        info = ctx.param
-        if info is None or tuple(getattr(w, "shape", ())) != info.shape:
-            return ctx.children(w)
-        lay = getattr(w, "layout", None)      # QuantizedWeight: None unless not [..., IN, OUT]
-        b, ms, ns = lay.matrix_spec(P(*info.spec)) if lay is not None else _matrix(info)
-        specs = field_specs(w, ctx, info, tuple(b), ms, ns)
-        return w.replace(**{f: None if getattr(w, f) is None else
-                            ctx.sharding(_shape(getattr(w, f)), spec) for f, spec in specs.items()})
-    return rule
-
-
-register_rule("jaxeff.params._sltrain.SLTrainWeight", _structured_rule(
-    lambda w, ctx, info, b, ms, ns: dict(A=b + (ms, None), B=b + (None, ns),
-                                         indices=b + (ms if _names(ms) else ns,),
-                                         values=b + (ms if _names(ms) else ns,))))
-register_rule("jaxeff.params._lowrank.LowRankWeight", _structured_rule(
-    lambda w, ctx, info, b, ms, ns: dict(L=b + (ms, None), R=b + (None, ns))))
-register_rule("jaxeff.params._lowrank.SVFitWeight", _structured_rule(
-    lambda w, ctx, info, b, ms, ns: dict(U=b + (ms, None), sigma=b + (None,),
-                                         Vt=b + (None, ns), residual=b + (ms, ns))))
-register_rule("jaxeff.params._lora.LoRAWeight", _structured_rule(
-    lambda w, ctx, info, b, ms, ns: dict(base=info.spec, A=b + (ms, None), B=b + (None, ns))))
-
-
-def _quantized_specs(w, ctx, info, b, in_s, out_s):
-    """Packed words / groups run along IN: shard IN where each shard holds whole ones."""
-    n_in = w.shape[-2]
-    size = math.prod(ctx.mesh.shape.get(n, 0) for n in _names(in_s)) if _names(in_s) else 0
-    whole = lambda unit: in_s if size and n_in % size == 0 and (n_in // size) % unit == 0 else None
-    return dict(packed=b + (whole(32 // w.bits), out_s), scale=b + (whole(w.group_size), out_s),
-                zero=b + (whole(w.group_size), out_s), perm=b + (in_s,))
-
-
-register_rule("jaxeff.params._quantized.QuantizedWeight", _structured_rule(_quantized_specs))
-
-
-@register_rule("jaxeff.params._structured.StructuredWeight")
-def _any_structured(w, ctx):
-    """Other structured weights: their ``factor_specs(dense_spec)`` hook, if they have one."""
-    if ctx.param is None or not hasattr(w, "factor_specs"):
-        return ctx.children(w)
-    from jaxeff.params._structured import array_fields
-    specs = w.factor_specs(P(*ctx.param.spec))
-    return w.replace(**{f: None if getattr(w, f) is None else
-                        ctx.sharding(_shape(getattr(w, f)), tuple(getattr(specs, f)))
-                        for f in array_fields(w)})

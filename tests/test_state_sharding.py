@@ -360,7 +360,7 @@ def test_train_state_shardings_use_the_rules(dense, mesh):
     assert jax.tree.leaves(sh.opt_state) == jax.tree.leaves(ss.derive_shardings(
         state.opt_state, dense, psh, fallback=ss.fsdp_fallback(mesh)))
     # the old rule split the [2, 64, 8] projector of w_up over its 64 axis: P^T G then gathers
-    assert _eq(sh.opt_state[0].projectors[5][0])
+    assert _eq(sh.opt_state[0].projectors["layers/wq"]["right"])
     assert sh.step.is_fully_replicated and sh.rng.is_fully_replicated
     # structured params: fsdp_param_shardings carries the dense layout onto the factors
     factors = jax.eval_shape(lambda: sltrain.sltrain(8, 0.05, select=SELECT).init(
@@ -393,11 +393,20 @@ def test_rules_without_training(dense, mesh):
     psh = {"w": NamedSharding(mesh, P(None, FS))}                     # the param shards m
     st = jax.eval_shape(galore.scale_by_galore(rank=8, proj_type="left").init, params)
     sh = ss.derive_shardings(st, params, psh)
-    assert _eq(sh.projectors[0][0], None, FS)                         # P [2, 64, 8]: m
+    assert _eq(sh.projectors["w"]["left"], None, FS)                # P [2, 64, 8]: m
     assert _eq(sh.inner_state.mu["w"], None, None, FS)                # [2, 8, 256]: n, by m's axis
+    # projectors are keyed by param path, not matched by shape: two params of one shape sharded
+    # on different axes each get their own projector's layout (identity inner: no moments)
+    two = {"a": params["w"], "b": params["w"]}
+    two_sh = {"a": psh["w"], "b": NamedSharding(mesh, P(None, None, FS))}
+    for sel, want in (("^a$", (None, FS)), ("^b$", ())):
+        st = jax.eval_shape(galore.scale_by_galore(optax.identity(), rank=8, proj_type="left",
+                                                   select=sel).init, two)
+        (path, by_side), = ss.derive_shardings(st, two, two_sh).projectors.items()
+        assert path == sel[1] and _eq(by_side["left"], *want)
     st = jax.eval_shape(galore.scale_by_galore(rank=8, proj_type="full").init, params)
     sh = ss.derive_shardings(st, params, psh)
-    assert _eq(sh.projectors[0][0], None, FS) and _eq(sh.projectors[0][1])
+    assert _eq(sh.projectors["w"]["left"], None, FS) and _eq(sh.projectors["w"]["right"])
     assert _eq(sh.inner_state.nu["w"])                                # [2, 8, 8]
     dsh = shd.fsdp_shardings(dense, mesh)
     adapted = jax.eval_shape(lambda: lora.lora(8, select=SELECT).from_dense(jax.random.key(0),

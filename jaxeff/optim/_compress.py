@@ -46,6 +46,7 @@ import optax
 
 from jaxeff.kernels import group_quant as _gq
 from jaxeff.select import select_mask, select_values, strip_variables
+from jaxeff.state_sharding import axis_names, register_rule
 
 __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
            "group_dequantize", "quantize", "dequantize", "dre_exponent", "compress_state",
@@ -128,6 +129,40 @@ def _grouping(shape, g):
             return tuple(shape[:i]), tail, 0
     tail = math.prod(shape)
     return (), tail, (-tail) % g
+
+
+def _codes_shape(shape, g) -> tuple:
+    """Shape of :func:`quantize`'s codes for a dense leaf of ``shape`` and group size ``g``."""
+    lead, tail, pad = _grouping(tuple(shape), g)
+    return lead + ((tail + pad) // g, g)
+
+
+@register_rule(GroupQuantized)
+@register_rule(GroupQuantizedDRE)
+def _grouped_shardings(q, ctx):
+    """Sharding (``jaxeff.state_sharding``) of a compressed moment of a param: codes
+    ``[lead, G, g]`` and per-group ``scale`` / ``k`` ``[lead, G]`` keep the param's spec on the
+    ``lead`` axes; when the param shards one of the grouped tail axes, the group axis ``G`` is
+    sharded with it. That is exactly the param's layout when the sharded axis is the first grouped
+    one; otherwise (e.g. a ``[D, V]`` head sharded on ``V`` and grouped as a whole) the layout
+    differs and XLA re-shards the moment in every update (an all-to-all), which we prefer to a
+    replicated moment. Codes that are not those of the param's shape: their children are walked."""
+    info = ctx.param
+    if info is None or _codes_shape(info.shape, q.codes.shape[-1]) != tuple(q.codes.shape):
+        return ctx.children(q)
+    lead = q.codes.ndim - 2
+    names = tuple(n for e in info.spec[lead:] for n in axis_names(e))
+    g_spec = None if not names else names[0] if len(names) == 1 else names
+    per_group = ctx.sharding(q.scale.shape, info.spec[:lead] + (g_spec,))
+    return q._replace(codes=ctx.sharding(q.codes.shape, info.spec[:lead] + (g_spec, None)),
+                      **{f: per_group for f in q._fields if f != "codes"})
+
+
+@register_rule(CompressedState)
+def _compressed_shardings(s: CompressedState, ctx):
+    """Sharding (``jaxeff.state_sharding``): the inner state is walked; its compressed leaves
+    follow :func:`_grouped_shardings`, the others the inner state's own rules."""
+    return s._replace(inner=ctx.walk(s.inner))
 
 
 def quantize(x, fmt: str = "fp8", group_size: int = 128, expand: bool = True):

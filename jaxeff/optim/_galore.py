@@ -47,6 +47,7 @@ from jaxeff.optim._projection import (Randomized, align_signs, randomized_projec
 from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, matrix_axes_values,
                            select_mask, select_values)
 from jaxeff.select import resolve_rank as _matrix_rank
+from jaxeff.state_sharding import ParamInfo, axis_names, register_rule
 
 __all__ = ["GaLoreState", "PROJ_TYPES", "MOMENT_POLICIES", "scale_by_galore",
            "galore", "Randomized", "scale_by_reference_adam"]
@@ -56,12 +57,54 @@ MOMENT_POLICIES = ("keep", "reset", "reproject")
 
 
 class GaLoreState(NamedTuple):
-    """``count`` int32 (steps taken); ``projectors``: one tuple per projected leaf in flatten order,
-    ``(P,)`` for left/right ``[..., m|n, r]`` or ``(P_left, P_right)`` for 'full'; ``inner_state``
-    of the inner transform over the projected tree (low-rank leaves, other leaves full size)."""
+    """``count`` int32 (steps taken); ``projectors``: ``{param path: {side: P}}`` for each
+    projected leaf (``jaxeff.select.flatten_with_paths`` path of the leaf; side 'left'
+    ``P [..., m, r]``, 'right' ``P [..., n, r]``, both for 'full'); ``inner_state`` of the inner
+    transform over the projected tree (low-rank leaves, other leaves full size)."""
     count: jax.Array
-    projectors: tuple
+    projectors: dict
     inner_state: Any
+
+
+@register_rule(GaLoreState)
+def _galore_shardings(s: GaLoreState, ctx):
+    """Sharding (``jaxeff.state_sharding``), each projector by the param at its path.
+
+    ``m x n`` is the param's matrix (its last two axes), ``b`` its leading axes. Projector
+    ``P [b, m, r]`` (left) shards ``m`` as the param shards ``m``, ``P [b, n, r]`` (right) shards
+    ``n`` as the param shards ``n`` (a replicated-across-the-other-axis ``P`` makes ``P^T G`` /
+    ``G P`` local). Low-rank moments ``[b, r, n]`` (left) shard ``n`` and ``[b, m, r]`` (right)
+    shard ``m`` with the param's mesh axis of that dimension, **or, when the param shards the
+    projected dimension instead, with that mesh axis** (our choice: the moment memory is divided
+    by the axis size, for one all-gather of the ``[b, r, n]`` low-rank update per step; a
+    replicated moment would avoid that gather but hold the whole moment on every device); 'full'
+    ``[b, r, r]`` keeps only the batch spec. A projector whose path is not a param, or whose shape
+    is not that of the default matrix axes (a non-default ``matrix_axes`` layout), is replicated.
+    """
+    rep = ctx.replicated
+    infos, low, projs = ctx.params_by_path(), {}, {}
+    for path, by_side in s.projectors.items():
+        info = infos.get(path)
+        shape = info.shape if info is not None else ()
+        b, (m, n) = shape[:-2], shape[-2:] if len(shape) >= 2 else (None, None)
+        dims = {"left": m, "right": n}
+        if info is None or any(side not in dims or tuple(p.shape[:-1]) != b + (dims[side],)
+                               for side, p in by_side.items()):
+            projs[path] = rep(by_side)
+            continue
+        bs, ms, ns = info.spec[:-2], info.spec[-2], info.spec[-1]
+        projs[path] = {side: ctx.sharding(p.shape, bs + (ms if side == "left" else ns, None))
+                       for side, p in by_side.items()}
+        r = {side: p.shape[-1] for side, p in by_side.items()}
+        if set(r) == {"left"}:      # [b, r, n]: n sharded as the param's n, else as its m
+            low[path] = ParamInfo(b + (r["left"], n), bs + (None, ns if axis_names(ns) else ms))
+        elif set(r) == {"right"}:   # [b, m, r]
+            low[path] = ParamInfo(b + (m, r["right"]), bs + (ms if axis_names(ms) else ns, None))
+        else:
+            low[path] = ParamInfo(b + (r["left"], r["right"]), bs + (None, None))
+    inner = ctx.with_params_at(low) if ctx.params is not None else ctx
+    return s._replace(count=rep(s.count), projectors=projs,
+                      inner_state=inner.walk(s.inner_state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +383,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
     def init_fn(params):
         plans = plan(params, True)
         flat = jax.tree.leaves(params)
-        projectors, low = [], []
+        projectors, low = {}, []
         for j, lp in enumerate(plans):
             dt = projector_dtype or flat[lp.index].dtype
             m, n = lp.mshape[-2:]
@@ -352,11 +395,15 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
                     ps.append(random_orthonormal(k, shp, dt))
                 else:
                     ps.append(jnp.zeros(shp, dt))
-            projectors.append(tuple(ps))
+            projectors[lp.path] = dict(zip(lp.sides, ps))
             low.append((lp, jnp.zeros(_low_shape(lp.mshape, lp.sides, lp.rank),
                                       flat[lp.index].dtype)))
+        if len(projectors) != len(plans):   # e.g. keys 'a/b' and 'a' -> 'b' in one tree
+            dup = sorted({lp.path for lp in plans if [q.path for q in plans].count(lp.path) > 1})
+            raise ValueError(f"GaLore keys projectors by leaf path, but the paths {dup} name more "
+                             "than one projected leaf (a dict key holding '/'?); rename the keys")
         inner_state = inner.init(low_tree(params, low))
-        return GaLoreState(jnp.zeros([], jnp.int32), tuple(projectors), inner_state)
+        return GaLoreState(jnp.zeros([], jnp.int32), projectors, inner_state)
 
     def new_projectors(g, ps, lp, key_j):
         if not isinstance(method, Randomized):
@@ -373,13 +420,16 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
     def update_fn(updates, state, params=None, **extra_args):
         del params  # the inner runs in the projected space: it gets abstract params (shapes only)
         plans = plan(updates, False)
-        if len(plans) != len(state.projectors):
-            raise ValueError(f"GaLore state holds {len(state.projectors)} projectors but the updates "
-                             f"select {len(plans)} leaves; was the state made for another tree?")
+        held = {k: tuple(v) for k, v in state.projectors.items()}
+        want = {lp.path: lp.sides for lp in plans}
+        if held.keys() != want.keys() or any(set(held[k]) != set(want[k]) for k in want):
+            raise ValueError(f"GaLore state holds projectors {held} (path: sides) but the updates "
+                             f"project {want}; was the state made for another tree?")
+        old_ps = [tuple(state.projectors[lp.path][side] for side in lp.sides) for lp in plans]
         count = state.count
         flat = jax.tree.leaves(updates)
         low, new_ps, flags = [], [], []
-        for j, (lp, ps) in enumerate(zip(plans, state.projectors)):
+        for j, (lp, ps) in enumerate(zip(plans, old_ps)):
             g = _to_matrix(flat[lp.index], lp)
             offset = (j * lp.gap) // len(plans) if stagger else 0
             flag = (count == 0) | ((count + offset) % lp.gap == 0)
@@ -391,7 +441,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
             flags.append(flag)
         inner_state = state.inner_state
         if moments != "keep":
-            inner_state = _policy(updates, plans, low, state.projectors, new_ps, flags, inner_state)
+            inner_state = _policy(updates, plans, low, old_ps, new_ps, flags, inner_state)
         low_t = low_tree(updates, low)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), low_t)
         low_updates, inner_state = inner.update(low_t, inner_state, abstract, **extra_args)
@@ -401,7 +451,9 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
             out[lp.index] = (lp.scale * _from_matrix(full, lp, flat[lp.index].shape)
                              ).astype(flat[lp.index].dtype)
         return (jax.tree.unflatten(jax.tree.structure(updates), out),
-                GaLoreState(optax.safe_increment(count), tuple(new_ps), inner_state))
+                GaLoreState(optax.safe_increment(count),
+                            {lp.path: dict(zip(lp.sides, ps)) for lp, ps in zip(plans, new_ps)},
+                            inner_state))
 
     def _policy(updates, plans, low, old_ps, new_ps, flags, inner_state):
         """Apply ``moments`` ('reset' or 'reproject') to the inner-state leaves of refreshed leaves.

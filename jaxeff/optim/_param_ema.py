@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxeff._checks import check_decay
+from jaxeff.state_sharding import register_rule
 
 __all__ = ["ParamEMAState", "param_ema", "ema_params"]
 
@@ -50,6 +51,13 @@ class ParamEMAState(NamedTuple):
 
     count: jax.Array
     ema: Any
+
+
+@register_rule(ParamEMAState)
+def _param_ema_shardings(s: ParamEMAState, ctx):
+    """Sharding (``jaxeff.state_sharding``): the average takes the param sharding, ``count``
+    replicated."""
+    return s._replace(count=ctx.replicated(s.count), ema=ctx.walk(s.ema))
 
 
 def param_ema(decay: Union[float, Callable[[jax.Array], jax.Array]] = 0.999, *,

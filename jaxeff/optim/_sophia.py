@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxeff.optim._hessian import GaussNewtonBartlett, gnb, hutchinson
+from jaxeff.state_sharding import register_rule
 from jaxeff.select import select_mask
 
 __all__ = ["SophiaState", "scale_by_sophia", "sophia", "sophia_extra_args", "sophia_win_rate",
@@ -85,6 +86,15 @@ class SophiaState(NamedTuple):
     n_refresh: jax.Array  # int32[]: Hessian refreshes so far
     key: jax.Array        # uint32[2]: split when update() gets no key
     win_rate: jax.Array   # float32[]: fraction of coordinates not clipped at the last update
+
+
+@register_rule(SophiaState)
+def _sophia_shardings(s: SophiaState, ctx):
+    """Sharding (``jaxeff.state_sharding``): ``mu`` and the Hessian EMA ``h`` take the param
+    sharding; counters, key and win rate replicated."""
+    rep = ctx.replicated
+    return s._replace(count=rep(s.count), mu=ctx.walk(s.mu), h=ctx.walk(s.h),
+                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate))
 
 
 def _is_masked(x):

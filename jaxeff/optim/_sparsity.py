@@ -42,6 +42,7 @@ import optax
 from jaxeff.optim._sparsity_schedules import (constant_sparsity, cubic_sparsity, journey_schedule,
                                               journey_window)
 from jaxeff.select import select_mask
+from jaxeff.state_sharding import register_rule
 
 __all__ = ["SparseState", "prune", "spdf", "densify", "apply_masks", "sparsity_stats",
            "constant_sparsity", "geometric_sparsity", "cubic_sparsity", "journey_schedule",
@@ -62,6 +63,16 @@ class SparseState(NamedTuple):
     density_sum: jax.Array
     density_comp: jax.Array
     dense: jax.Array
+
+
+@register_rule(SparseState)
+def _sparse_shardings(s: SparseState, ctx):
+    """Sharding (``jaxeff.state_sharding``): masks take the param sharding, the inner state is
+    walked (its own rules), counters and density sums replicated."""
+    rep = ctx.replicated
+    return s._replace(count=rep(s.count), masks=ctx.walk(s.masks),
+                      inner_state=ctx.walk(s.inner_state), density_sum=rep(s.density_sum),
+                      density_comp=rep(s.density_comp), dense=rep(s.dense))
 
 
 # ----------------------------------------------------------------------------- mask selection

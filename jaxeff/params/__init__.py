@@ -38,8 +38,7 @@ averaging and elastic sub-networks.
   ``SLTRAIN_PRESETS``, ``SLTrainWeight``.
 * structured weights: ``materialize``, ``partition`` / ``combine``: ``array_fields``, ``combine``,
   ``is_structured``, ``map_matrices``, ``materialize``, ``MatrixLayout``, ``normal``,
-  ``partition``, ``specs_from``, ``structured_specs``, ``StructuredWeight``, ``trainable_mask``,
-  ``uniform``.
+  ``partition``, ``structured_rule``, ``StructuredWeight``, ``trainable_mask``, ``uniform``.
 * function-preserving width growth (Net2Net / bert2BERT): ``GrowthWarning``,
   ``insert_identity_layers``, ``ROLES``, ``widen``.
 """
@@ -78,8 +77,8 @@ from jaxeff.params._quantized import (check_quant_args, codes_per_word, find_par
                                       stack_quantized, tree_nbytes, unpack, VALID_BITS)
 from jaxeff.params._sltrain import SLTrain, sltrain, sltrain_preset, SLTRAIN_PRESETS, SLTrainWeight
 from jaxeff.params._structured import (array_fields, combine, is_structured, map_matrices,
-                                       materialize, MatrixLayout, normal, partition, specs_from,
-                                       structured_specs, StructuredWeight, trainable_mask, uniform)
+                                       materialize, MatrixLayout, normal, partition,
+                                       structured_rule, StructuredWeight, trainable_mask, uniform)
 from jaxeff.params._widen import GrowthWarning, insert_identity_layers, ROLES, widen
 
 __all__ = [
@@ -106,6 +105,6 @@ __all__ = [
     "QuantizedWeight", "rtn", "rtn_weight", "stack_quantized", "tree_nbytes", "unpack",
     "VALID_BITS", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS", "SLTrainWeight",
     "array_fields", "combine", "is_structured", "map_matrices", "materialize", "MatrixLayout",
-    "normal", "partition", "specs_from", "structured_specs", "StructuredWeight",
+    "normal", "partition", "structured_rule", "StructuredWeight",
     "trainable_mask", "uniform", "GrowthWarning", "insert_identity_layers", "ROLES", "widen",
 ]

@@ -45,12 +45,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
 from jaxeff._checks import check_float, check_key, check_rank
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
-                                       map_matrices, materialize, specs_from, uniform)
+                                       map_matrices, materialize, structured_rule, uniform)
 from jaxeff.select import resolve_rank
+from jaxeff.state_sharding import register_rule
 
 __all__ = ["LoRAWeight", "LoRA", "lora"]
 
@@ -101,10 +101,14 @@ class LoRAWeight(StructuredWeight):
         cd = x.dtype
         return x @ self.base.astype(cd) + self.scale * ((x @ self.A.astype(cd)) @ self.B.astype(cd))
 
-    def factor_specs(self, dense_spec) -> "LoRAWeight":
-        """Shardings: the base keeps the dense spec, A follows the input, B the output axis."""
-        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
-        return specs_from(self, base=dense_spec, A=P(*b, m_spec, None), B=P(*b, None, n_spec))
+
+def _lora_specs(w, dense_spec, b, m_spec, n_spec, mesh):
+    """Sharding (``jaxeff.state_sharding``): the frozen ``base`` keeps the dense spec,
+    ``A [b, m, r]`` shards ``m`` and ``B [b, r, n]`` shards ``n`` as the dense weight."""
+    return dict(base=dense_spec, A=b + (m_spec, None), B=b + (None, n_spec))
+
+
+register_rule(LoRAWeight, structured_rule(_lora_specs))
 
 
 @dataclasses.dataclass(frozen=True)

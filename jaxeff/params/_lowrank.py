@@ -47,13 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
                                        is_structured, map_matrices, materialize, normal,
-                                       specs_from)
+                                       structured_rule)
 from jaxeff._checks import check_key
 from jaxeff.select import resolve_rank as _fraction_rank
+from jaxeff.state_sharding import register_rule
 
 __all__ = ["pela_rank", "resolve_rank", "truncated_svd", "LowRankWeight", "LowRank", "lowrank",
            "SVFitWeight", "SVFit", "svfit", "pela_feature_loss", "pela_weight_perturbation"]
@@ -168,10 +168,14 @@ class LowRankWeight(StructuredWeight):
         check_single_matrix(self, self.L, x, self.L.shape[0])
         return (x @ self.L.astype(x.dtype)) @ self.R.astype(x.dtype)
 
-    def factor_specs(self, dense_spec) -> "LowRankWeight":
-        """Shardings: L follows the input axis, R the output axis."""
-        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
-        return specs_from(self, L=P(*b, m_spec, None), R=P(*b, None, n_spec))
+
+def _lowrank_specs(w, dense_spec, b, m_spec, n_spec, mesh):
+    """Sharding (``jaxeff.state_sharding``): ``L [b, m, r]`` shards ``m`` and ``R [b, r, n]``
+    shards ``n`` as the dense weight."""
+    return dict(L=b + (m_spec, None), R=b + (None, n_spec))
+
+
+register_rule(LowRankWeight, structured_rule(_lowrank_specs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,11 +327,15 @@ class SVFitWeight(StructuredWeight):
         low = ((x @ self.U.astype(cd)) * self.sigma.astype(cd)) @ self.Vt.astype(cd)
         return low + x @ self.residual.astype(cd)
 
-    def factor_specs(self, dense_spec) -> "SVFitWeight":
-        """Shardings: U and the residual follow the input axis, Vt the output axis."""
-        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
-        return specs_from(self, U=P(*b, m_spec, None), sigma=P(*b, None),
-                          Vt=P(*b, None, n_spec), residual=P(*b, m_spec, n_spec))
+
+def _svfit_specs(w, dense_spec, b, m_spec, n_spec, mesh):
+    """Sharding (``jaxeff.state_sharding``): ``U [b, m, r]`` and the ``residual [b, m, n]`` follow
+    the dense ``m`` (and ``n``), ``Vt [b, r, n]`` its ``n``; ``sigma [b, r]`` only the batch."""
+    return dict(U=b + (m_spec, None), sigma=b + (None,), Vt=b + (None, n_spec),
+                residual=b + (m_spec, n_spec))
+
+
+register_rule(SVFitWeight, structured_rule(_svfit_specs))
 
 
 @dataclasses.dataclass(frozen=True)

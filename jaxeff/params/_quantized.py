@@ -54,18 +54,19 @@ Slicing a stacked leaf (``lax.scan``/``vmap`` over it) does not update the stati
 from __future__ import annotations
 
 import functools
+import math
 from typing import ClassVar, Optional, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from jaxeff.kernels import dequant_matmul as _dq
-from jaxeff.params._structured import StructuredWeight, is_structured, specs_from
+from jaxeff.params._structured import StructuredWeight, is_structured, structured_rule
 from jaxeff.select import (MatrixLayout, Selector, flatten_with_paths, is_weight_matrix,
                            matrix_axes_values, select_mask)
+from jaxeff.state_sharding import axis_names, register_rule
 
 __all__ = ["QuantizedWeight", "VALID_BITS", "codes_per_word", "pack", "unpack", "find_params",
            "quantize_codes", "rtn_weight", "rtn", "stack_quantized", "tree_nbytes",
@@ -129,17 +130,6 @@ class QuantizedWeight(StructuredWeight):
     # Post-training codes: nothing here trains (jaxeff.params.trainable_mask).
     trainable_fields: ClassVar[tuple[str, ...]] = ()
 
-    def factor_specs(self, dense_spec) -> "QuantizedWeight":
-        """Shardings from the dense ``[..., IN, OUT]`` spec: batch and OUT axes keep theirs; the
-        packed/grouped IN axis is replicated (its length is no longer the dense one)."""
-        if self.layout is not None:       # the dense spec is over the leaf, not the matrix
-            batch, _, out = self.layout.matrix_spec(dense_spec)
-        else:
-            spec = tuple(dense_spec) + (None,) * (len(self.shape) - len(tuple(dense_spec)))
-            batch, out = spec[:-2], spec[-1]
-        return specs_from(self, packed=P(*batch, None, out), scale=P(*batch, None, out),
-                          zero=P(*batch, None, out), perm=P(*batch, None))
-
     @property
     def codes(self) -> jax.Array:
         """The integer codes ``int32 [..., IN, OUT]`` in stored (permuted) row order."""
@@ -192,6 +182,26 @@ class QuantizedWeight(StructuredWeight):
                              f"{self.group_size}; got bits={self.bits}")
         w = _stored_matrix(self, x.dtype)
         return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _quantized_specs(w, dense_spec, b, in_spec, out_spec, mesh):
+    """Sharding (``jaxeff.state_sharding``) from the dense ``[..., IN, OUT]`` spec: ``packed
+    [b, IN/P, OUT]`` and ``scale`` / ``zero [b, G, OUT]`` keep the ``OUT`` spec and shard their
+    packed / grouped ``IN`` axis as the dense ``IN`` only when every shard holds whole words /
+    groups (else that axis is replicated); ``perm [b, IN]`` shards ``IN``."""
+    names = axis_names(in_spec)
+    size = math.prod(mesh.shape.get(n, 0) for n in names) if names else 0
+    n_in = w.shape[-2]
+
+    def whole(unit):
+        return in_spec if size and n_in % size == 0 and (n_in // size) % unit == 0 else None
+
+    return dict(packed=b + (whole(codes_per_word(w.bits)), out_spec),
+                scale=b + (whole(w.group_size), out_spec),
+                zero=b + (whole(w.group_size), out_spec), perm=b + (in_spec,))
+
+
+register_rule(QuantizedWeight, structured_rule(_quantized_specs))
 
 
 @jax.jit

@@ -54,13 +54,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import PartitionSpec as P
 
 from jaxeff._checks import check_float, check_key, check_rank
 from jaxeff.kernels import sparse_lowrank as _spl
 from jaxeff.params._structured import (MatrixLayout, StructuredWeight, check_single_matrix,
-                                       map_matrices, materialize, specs_from, uniform)
+                                       map_matrices, materialize, structured_rule, uniform)
 from jaxeff.select import resolve_rank
+from jaxeff.state_sharding import axis_names, register_rule
 
 __all__ = ["SLTrainWeight", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS"]
 
@@ -164,11 +164,16 @@ class SLTrainWeight(StructuredWeight):
                                    self.values.astype(cd), float(self.scale), impl=impl,
                                    interpret=interpret)
 
-    def factor_specs(self, dense_spec) -> "SLTrainWeight":
-        """Shardings: A follows the input axis, B the output axis, the sparse part the batch."""
-        b, m_spec, n_spec = self.layout.matrix_spec(dense_spec)
-        return specs_from(self, A=P(*b, m_spec, None), B=P(*b, None, n_spec),
-                          indices=P(*b, None), values=P(*b, None))
+
+def _sltrain_specs(w, dense_spec, b, m_spec, n_spec, mesh):
+    """Sharding (``jaxeff.state_sharding``): ``A [b, m, r]`` shards ``m`` and ``B [b, r, n]``
+    shards ``n`` as the dense weight; ``indices`` / ``values`` ``[b, nnz]`` shard ``nnz`` over the
+    dense matrix's mesh axis of ``m`` (else of ``n``) when it divides ``nnz`` (else replicated)."""
+    sparse = b + (m_spec if axis_names(m_spec) else n_spec,)
+    return dict(A=b + (m_spec, None), B=b + (None, n_spec), indices=sparse, values=sparse)
+
+
+register_rule(SLTrainWeight, structured_rule(_sltrain_specs))
 
 
 def _random_support(key, batch_shape, mn: int, nnz: int):

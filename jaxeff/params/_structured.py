@@ -64,8 +64,8 @@ from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, m
                            select_mask)
 
 __all__ = ["StructuredWeight", "is_structured", "materialize", "trainable_mask", "partition",
-           "combine", "MatrixLayout", "map_matrices", "structured_specs", "array_fields",
-           "specs_from", "uniform", "normal", "check_single_matrix"]
+           "combine", "MatrixLayout", "map_matrices", "structured_rule", "array_fields",
+           "uniform", "normal", "check_single_matrix"]
 
 
 class StructuredWeight:
@@ -77,9 +77,11 @@ class StructuredWeight:
     * ``trainable_fields``: names of the array fields an optimizer updates (``None``: every
       floating-point field);
     * ``adapter``: True for a fine-tuning adapter on a frozen base (LoRA, SVFit): a tree holding
-      one freezes its dense leaves by default (:func:`trainable_mask`);
-    * ``factor_specs(dense_spec)``: the ``PartitionSpec`` of each field given the dense weight's
-      spec, returned as an instance of the class holding specs (used by :func:`structured_specs`).
+      one freezes its dense leaves by default (:func:`trainable_mask`).
+
+    Sharding: a subclass registers its rule beside it (``jaxeff.state_sharding.register_rule(
+    cls, structured_rule(field_specs))``); ``jaxeff.state_sharding.derive_shardings(tree, dense,
+    dense_shardings)`` then places every field. Without one, fields are aligned to the dense spec.
     """
 
     trainable_fields: ClassVar[Optional[tuple[str, ...]]] = None
@@ -237,28 +239,33 @@ def map_matrices(fn: Callable, params, select=None, *, key=None, matrix_axes=Non
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def structured_specs(tree, dense_specs):
-    """``PartitionSpec``s for a tree holding structured leaves, from the dense tree's specs.
+def structured_rule(field_specs: Callable) -> Callable:
+    """A ``jaxeff.state_sharding`` rule for a structured-weight class, from its field specs.
 
-    ``dense_specs`` has the structure of the *dense* tree (``materialize(tree)``), one
-    ``PartitionSpec`` per leaf. Structured leaves get ``leaf.factor_specs(spec)`` (an instance of
-    their class holding specs); dense leaves keep theirs. Use with ``NamedSharding`` and
-    ``jax.device_put`` / ``jit(out_shardings=...)``. Raises TypeError for a structured leaf
-    without ``factor_specs``.
+    ``field_specs(w, dense_spec, b, m_spec, n_spec, mesh) -> {field: spec}`` gets the dense
+    weight's full-length spec (a tuple), its split ``(batch specs, m spec, n spec)`` by the
+    weight's ``layout.matrix_spec`` (when it has a layout; else the last two axes) and the mesh; each spec is a tuple of
+    ``PartitionSpec`` entries, checked by ``Context.sharding`` (axes the mesh does not divide stay
+    unsharded). Fields left out are replicated; ``None`` fields (``partition`` holes) stay None.
+    A weight whose dense ``shape`` is not its param's (or with no param) has its children walked.
+    Register the result beside the class: ``register_rule(MyWeight, structured_rule(specs))``.
     """
-    def one(x, spec):
-        if is_structured(x):
-            if not hasattr(x, "factor_specs"):
-                raise TypeError(f"{type(x).__name__} does not define factor_specs(dense_spec)")
-            return x.factor_specs(spec)
-        return spec
-    return jax.tree.map(one, tree, dense_specs, is_leaf=lambda x: is_structured(x) or
-                        isinstance(x, P))
-
-
-def specs_from(w: StructuredWeight, **field_specs) -> StructuredWeight:
-    """Helper for ``factor_specs``: ``w`` holding the given specs (``P()`` elsewhere)."""
-    return w.replace(**{f: field_specs.get(f, P()) for f in array_fields(w)})
+    def rule(w, ctx):
+        info = ctx.param
+        lay = getattr(w, "layout", None)     # QuantizedWeight: None when [..., IN, OUT]
+        dense_shape = tuple(lay.shape) if lay is not None else tuple(getattr(w, "shape", ()))
+        if info is None or dense_shape != info.shape:
+            return ctx.children(w)
+        spec = tuple(info.spec)
+        if lay is not None:
+            b, ms, ns = lay.matrix_spec(P(*spec))
+        else:
+            b, ms, ns = spec[:-2], spec[-2], spec[-1]
+        specs = field_specs(w, spec, tuple(b), ms, ns, ctx.mesh)
+        return w.replace(**{f: None if getattr(w, f) is None else
+                            ctx.sharding(getattr(w, f).shape, tuple(specs.get(f, ())))
+                            for f in array_fields(w)})
+    return rule
 
 
 # jax.random draws N-d arrays with the partitionable threefry; on CPU XLA compiles such a draw

@@ -113,7 +113,8 @@ def test_matches_numpy_reference_and_projector_invariants(proj_type):
         for t in range(steps):
             np.testing.assert_allclose(outs[t][name], ref[t], rtol=2e-4, atol=2e-6)
         for t in range(1, steps + 1):
-            ps, before = states[t].projectors[j], states[t - 1].projectors[j]
+            ps = tuple(states[t].projectors[name].values())        # keyed by param path
+            before = tuple(states[t - 1].projectors[name].values())
             for p in ps:                                  # P^T P = I
                 np.testing.assert_allclose(p.T @ p, np.eye(r), atol=1e-5)
             changed = any(not np.array_equal(a, b) for a, b in zip(ps, before))
@@ -158,8 +159,9 @@ def test_identity_inner_at_full_rank_returns_scaled_gradient():
                            proj_type=[("^l", "left"), ("^r", "right"), ("^f", "full"),
                                       ("^s", "std")])
     state = tx.init(params)
-    assert [tuple(p.shape for p in ps) for ps in state.projectors] == [
-        ((10, 10), (10, 10)), ((12, 8),), ((12, 8),), ((3, 6, 6),)]  # f, l: m x r, r: n x r, s
+    assert jax.tree.map(lambda p: p.shape, state.projectors) == {   # l: m x r, r: n x r
+        "f": {"left": (10, 10), "right": (10, 10)}, "l": {"left": (12, 8)},
+        "r": {"right": (12, 8)}, "s": {"right": (3, 6, 6)}}
     g = _grads(params, 0)
     u, _ = jax.jit(tx.update)(g, state)
     for k in "lrfs":
@@ -201,8 +203,10 @@ def test_per_leaf_selection_and_state_is_real_arrays_only():
                   update_proj_gap=[("wq", 50), (".", 100)])
     st = jax.eval_shape(tx.init, _llama_like())
     gal = st[0]
-    # flatten order w_down [64, 32] (right: n x r), w_up [32, 64] (left: m x r), wq (right)
-    assert [p[0].shape for p in gal.projectors] == [(2, 32, 8)] * 3
+    # keyed by param path: w_down [64, 32] (right: n x r), w_up [32, 64] (left: m x r), wq (right)
+    assert jax.tree.map(lambda p: p.shape, gal.projectors) == {
+        "layers/w_down": {"right": (2, 32, 8)}, "layers/w_up": {"left": (2, 32, 8)},
+        "layers/wq": {"right": (2, 32, 8)}}
     inner = gal.inner_state
     assert inner.mu["layers"]["w_up"].shape == (2, 8, 64)       # left (32 < 64): r x n
     assert inner.mu["layers"]["w_down"].shape == (2, 64, 8)     # right: m x r
@@ -215,12 +219,14 @@ def test_stagger_spreads_refreshes():
     params = {"w1": jnp.zeros((16, 12)), "w2": jnp.zeros((12, 16)), "w3": jnp.zeros((2, 16, 16))}
     tx = G.scale_by_galore(rank=4, update_proj_gap=3, stagger=True)
     _, states = _run(tx, params, 7)
-    changes = [[not np.array_equal(states[t + 1].projectors[j][0], states[t].projectors[j][0])
-                for j in range(3)] for t in range(7)]
+    side = {"w1": "right", "w2": "left", "w3": "right"}           # 'std': the smaller dimension
+    changes = [[not np.array_equal(states[t + 1].projectors[k][s], states[t].projectors[k][s])
+                for k, s in side.items()] for t in range(7)]
     # leaf j refreshes at t = 0 and where (t + j*3//3) % 3 == 0
     assert changes == [[(t == 0) or (t + j) % 3 == 0 for j in range(3)] for t in range(7)]
-    for ps in states[-1].projectors:
-        p = ps[0].reshape((-1,) + ps[0].shape[-2:])
+    for k, s in side.items():
+        p = states[-1].projectors[k][s]
+        p = p.reshape((-1,) + p.shape[-2:])
         for q in p:
             np.testing.assert_allclose(q.T @ q, np.eye(4), atol=1e-5)
 
@@ -233,7 +239,7 @@ def test_moment_policies():
     _, states = _run(reset, params, 3)
     # at t = 2 the projector is refreshed and mu restarts from zero: mu = (1 - b1) P^T g
     g = _grads(params, 2)["b"]                      # 16 x 32, std -> left: low = P^T g
-    p = states[3].projectors[1][0]
+    p = states[3].projectors["b"]["left"]
     np.testing.assert_allclose(states[3].inner_state.mu["b"], (1 - b1) * (p.T @ g), atol=1e-6)
     assert not np.allclose(states[2].inner_state.mu["b"], 0)
     # reproject, also through a compressed (8-bit) inner state: runs, finite, nonnegative nu

@@ -8,7 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxeff.params import (QuantizedWeight, pack, rtn, rtn_weight, stack_quantized, tree_nbytes,
                            unpack)
-from jaxeff.params import materialize, structured_specs, trainable_mask
+from jaxeff.params import materialize, trainable_mask
+from jaxeff.state_sharding import derive_shardings
 
 SEL = "layers/(wq|w_up)$"
 
@@ -157,9 +158,11 @@ def test_jit_and_sharded_equal_single_device():
     np.testing.assert_array_equal(np.asarray(jax.jit(materialize)(got)),
                                   np.asarray(ref.materialize()))
     # Sharding the leaf itself by the dense spec (OUT split over 8 devices).
-    specs = structured_specs({"w": ref}, {"w": P(None, "x")})
-    assert specs["w"].packed == P(None, "x") and specs["w"].perm == P(None)
-    placed = jax.device_put({"w": ref}, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+    sh = derive_shardings({"w": ref}, {"w": w}, {"w": P(None, "x")}, mesh)
+    # IN = 32 is split over no mesh axis: packed/scale/zero keep OUT's axis, perm replicated
+    assert sh["w"].packed.spec == P(None, "x") and sh["w"].scale.spec == P(None, "x")
+    assert sh["w"].perm.is_fully_replicated
+    placed = jax.device_put({"w": ref}, sh)
     np.testing.assert_array_equal(np.asarray(jax.jit(materialize)(placed)["w"]),
                                   np.asarray(ref.materialize()))
     assert not any(jax.tree.leaves(trainable_mask({"w": ref})))   # codes never train

@@ -6,13 +6,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxeff.params import LoRAWeight, lora
 from jaxeff.params import lowrank, svfit
 from jaxeff.params import sltrain
 from jaxeff.params import (MatrixLayout, combine, is_structured, materialize, partition,
-                           structured_specs, trainable_mask)
+                           trainable_mask)
+from jaxeff.state_sharding import derive_shardings
 
 def _randn(seed, shape, scale=1.0):
     """Test data from NumPy (no XLA compile per shape)."""
@@ -61,10 +62,11 @@ def test_sharded_materialize_and_grad_match_single_device(name):
     tree = METHODS[name](_params())
     dense_specs = {"w": P(None, "x"), "stack": P(None, None, "x"), "norm": P(), "step": P(),
                    "emb": P()}
-    specs = structured_specs(tree, dense_specs)
     mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
-    sharded = jax.device_put(tree, jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                                                is_leaf=lambda s: isinstance(s, P)))
+    # the class's own rule (registered beside it), through the one public entry
+    shardings = derive_shardings(tree, _params(), dense_specs, mesh)
+    sharded = jax.device_put(tree, shardings)
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
     trainable, frozen = partition(tree)
     s_trainable, s_frozen = partition(sharded)
 
