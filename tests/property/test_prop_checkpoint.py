@@ -31,7 +31,7 @@ TREES = st.recursive(_array(), lambda kids: st.one_of(
 
 
 def _bits(x):
-    x = np.asarray(x)
+    x = np.asarray(x).reshape(-1)
     return x.view(np.uint8) if x.dtype != np.bool_ else x
 
 
