@@ -148,9 +148,10 @@ def test_galore_through_nnx_optimizer_matches_plain_arrays():
     grads = nnx.to_pure_dict(nnx.grad(_loss)(model, _tokens()))
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     gal = opt.opt_state[0]
-    assert len(gal.projectors) == len(MATRICES)
+    assert set(gal.projectors) == MATRICES          # keyed by param path (Variables stripped)
     # r = min(m, n) // 4 = 2 everywhere (min is 8); 'std' projects the smaller side
-    assert [tuple(p.shape) for (p,) in gal.projectors] == [(D, 2)] * len(MATRICES)
+    assert [tuple(p.shape) for (p,) in (ps.values() for ps in gal.projectors.values())] == \
+        [(D, 2)] * len(MATRICES)
     nnx.jit(lambda m, o, t: o.update(m, nnx.grad(_loss)(m, t)))(model, opt, _tokens())
     upd, _ = jax.jit(tx.update)(grads, tx.init(params0), params0)
     want = optax.apply_updates(params0, upd)
@@ -335,7 +336,8 @@ def test_equinox_model():
     tx = jo.galore(1e-2, rank=0.5, update_proj_gap=1)
     st = tx.init(params)
     u, st = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))(params, st)
-    assert [p.shape for (p,) in st[0].projectors] == [(D, 4), (12, 6)]  # [12, D], [V, 12]
+    assert jax.tree.map(lambda p: p.shape, st[0].projectors) == {        # [12, D], [V, 12]
+        "layers/0/weight": {"right": (D, 4)}, "layers/1/weight": {"right": (12, 6)}}
     assert float(loss(optax.apply_updates(params, u))) < float(loss(params))
     # equinox weights are [out, in]: say so with matrix_axes
     f = jp.sltrain(2, 0.2, matrix_axes=((1,), (0,))).init(jax.random.key(1), params)
