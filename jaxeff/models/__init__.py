@@ -9,21 +9,21 @@ is model-agnostic and never imports this package).
   wheels), ``pretrained_path``, ``Pretrained``, ``PRETRAINED``; ``load_gguf``, ``gguf_config``,
   ``load_safetensors``, ``save_safetensors``, ``config_from_hf``, ``hf_config``, ``permute_qk``,
   ``unpermute_qk``.
-* decoding with a KV cache: ``generate``, ``sample_token``, ``prefill``, ``decode_step``,
-  ``init_cache``, ``KVCache``.
+* decoding with a KV cache: ``generate``, ``generate_eft`` (EFT up-scaling), ``sample_token``,
+  ``prefill``, ``decode_step``, ``init_cache``, ``KVCache``.
 * tokenizers of real models: ``HFTokenizer``, ``ChatML``, ``gguf_tokenizer``, ``json_tokenizer``.
 """
 from jaxeff.models import bert, llama
 from jaxeff.models._checkpoints import (config_from_hf, gguf_config, hf_config, load_gguf,
                                         load_safetensors, permute_qk, save_safetensors,
                                         unpermute_qk)
-from jaxeff.models._generate import (KVCache, decode_step, generate, init_cache, prefill,
-                                     sample_token)
+from jaxeff.models._generate import (KVCache, decode_step, generate, generate_eft, init_cache,
+                                     prefill, sample_token)
 from jaxeff.models._pretrained import PRETRAINED, Pretrained, pretrained, pretrained_path
 from jaxeff.models._tokenizers import ChatML, HFTokenizer, gguf_tokenizer, json_tokenizer
 
 __all__ = ["llama", "bert", "config_from_hf", "gguf_config", "hf_config", "load_gguf",
            "load_safetensors", "permute_qk", "save_safetensors", "unpermute_qk", "PRETRAINED",
            "Pretrained", "pretrained", "pretrained_path", "ChatML", "HFTokenizer",
-           "gguf_tokenizer", "json_tokenizer", "KVCache", "decode_step", "generate", "init_cache",
-           "prefill", "sample_token"]
+           "gguf_tokenizer", "json_tokenizer", "KVCache", "decode_step", "generate", "generate_eft",
+           "init_cache", "prefill", "sample_token"]

@@ -15,6 +15,9 @@ one token's forward instead of the whole prefix's. Row ``b``'s slot ``s`` holds 
 with key ``fold_in(key, step)``. Rows that emitted ``eos_id`` keep emitting it; the loop stops
 when every row has (a ``lax.while_loop``), so a short answer costs a short loop.
 
+:func:`generate_eft` runs three models (large base, small fine-tuned, small base) in lock step,
+each with its own cache, and samples from their EFT combination (``jaxeff.losses.eft_logprobs``).
+
 The decoder blocks are ``llama.block`` itself: the cache is threaded through its
 ``attention_fn`` hook (the closure writes the new keys/values into the layer's cache slice and
 attends over it), so whatever the block's projections do (dense, quantized or structured weights
@@ -36,7 +39,8 @@ import numpy as np
 from jaxeff._checks import check_float, check_int
 from jaxeff.models import llama
 
-__all__ = ["KVCache", "init_cache", "prefill", "decode_step", "generate", "sample_token"]
+__all__ = ["KVCache", "init_cache", "prefill", "decode_step", "generate", "generate_eft",
+           "sample_token"]
 
 
 class KVCache(NamedTuple):
@@ -134,14 +138,24 @@ def sample_token(key, logits_BxV, temperature: float = 0.0, top_p: float = 1.0):
     return jax.random.categorical(key, z_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p",
+@functools.partial(jax.jit, static_argnames=("cfgs", "max_new_tokens", "temperature", "top_p",
                                              "eos_id"))
-def _generate(params, tokens_BxP, real_BxP, key, *, cfg, max_new_tokens, temperature, top_p,
-              eos_id):
+def _generate(params_models, tokens_BxP, real_BxP, key, beta, *, cfgs, max_new_tokens,
+              temperature, top_p, eos_id):
+    """One model: its logits. Three models (EFT): ``eft_logprobs`` of their logits with ``beta``."""
     B, P = tokens_BxP.shape
     N = max_new_tokens
-    logits_BxV, cache = prefill(params, cfg, tokens_BxP, real_BxP, P + N)
-    first_B = sample_token(jax.random.fold_in(key, 0), logits_BxV, temperature, top_p)
+
+    def combine(logits):
+        if len(logits) == 1:
+            return logits[0]
+        from jaxeff.losses import eft_logprobs
+        return eft_logprobs(*logits, beta=beta)
+
+    firsts = [prefill(p, c, tokens_BxP, real_BxP, P + N) for p, c in zip(params_models, cfgs)]
+    caches = tuple(c for _, c in firsts)
+    first_B = sample_token(jax.random.fold_in(key, 0), combine([l for l, _ in firsts]),
+                           temperature, top_p)
     out_BxN = jnp.zeros((B, N), jnp.int32).at[:, 0].set(first_B)
     done_B = (first_B == eos_id) if eos_id is not None else jnp.zeros((B,), bool)
 
@@ -150,15 +164,17 @@ def _generate(params, tokens_BxP, real_BxP, key, *, cfg, max_new_tokens, tempera
         return (t < N) & ~jnp.all(done_B)
 
     def body(state):
-        t, cache, out_BxN, done_B = state
-        logits_BxV, cache = decode_step(params, cfg, cache, out_BxN[:, t - 1], P + t - 1)
-        nxt_B = sample_token(jax.random.fold_in(key, t), logits_BxV, temperature, top_p)
+        t, caches, out_BxN, done_B = state
+        steps = [decode_step(p, c, cache, out_BxN[:, t - 1], P + t - 1)
+                 for p, c, cache in zip(params_models, cfgs, caches)]
+        nxt_B = sample_token(jax.random.fold_in(key, t), combine([l for l, _ in steps]),
+                             temperature, top_p)
         if eos_id is not None:
             nxt_B = jnp.where(done_B, eos_id, nxt_B)
             done_B = done_B | (nxt_B == eos_id)
-        return t + 1, cache, out_BxN.at[:, t].set(nxt_B), done_B
+        return t + 1, tuple(c for _, c in steps), out_BxN.at[:, t].set(nxt_B), done_B
 
-    t, _, out_BxN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BxN, done_B))
+    t, _, out_BxN, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), caches, out_BxN, done_B))
     if eos_id is not None:   # rows stopped early: fill the untouched tail with eos
         out_BxN = jnp.where(jnp.arange(N)[None] < t, out_BxN, eos_id)
     return out_BxN
@@ -212,6 +228,12 @@ def generate(params, cfg: llama.LlamaConfig, prompt_ids: Union[Sequence, np.ndar
       ``P + N > cfg.max_seq_len``, a negative temperature, ``top_p`` outside (0, 1], a missing
       ``key`` when sampling, ids outside the vocabulary.
     """
+    return _run([(params, cfg)], prompt_ids, max_new_tokens, key=key, temperature=temperature,
+                top_p=top_p, eos_id=eos_id, pad_id=pad_id, beta=0.0)
+
+
+def _run(models, prompt_ids, max_new_tokens, *, key, temperature, top_p, eos_id, pad_id, beta):
+    cfg = models[0][1]
     N = check_int("max_new_tokens", max_new_tokens, 1)
     temperature = check_float("temperature", temperature, 0.0)
     top_p = check_float("top_p", top_p, 0.0, 1.0, min_open=True)
@@ -222,12 +244,43 @@ def generate(params, cfg: llama.LlamaConfig, prompt_ids: Union[Sequence, np.ndar
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"prompt_ids must be in [0, {cfg.vocab_size}); got values in "
                          f"[{tokens.min()}, {tokens.max()}]")
-    if tokens.shape[1] + N > cfg.max_seq_len:
-        raise ValueError(f"prompt length {tokens.shape[1]} + max_new_tokens {N} exceeds "
-                         f"cfg.max_seq_len={cfg.max_seq_len}")
+    for _, c in models:
+        if tokens.shape[1] + N > c.max_seq_len:
+            raise ValueError(f"prompt length {tokens.shape[1]} + max_new_tokens {N} exceeds "
+                             f"cfg.max_seq_len={c.max_seq_len}")
     if temperature > 0 and key is None:
         raise ValueError("key is required when temperature > 0 (sampling); pass "
                          "key=jax.random.key(seed)")
     key = jax.random.key(0) if key is None else key
-    return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(real), key, cfg=cfg,
-                     max_new_tokens=N, temperature=temperature, top_p=top_p, eos_id=eos_id)
+    return _generate(tuple(p for p, _ in models), jnp.asarray(tokens, jnp.int32),
+                     jnp.asarray(real), key, jnp.asarray(beta, jnp.float32),
+                     cfgs=tuple(c for _, c in models), max_new_tokens=N,
+                     temperature=temperature, top_p=top_p, eos_id=eos_id)
+
+
+def generate_eft(models: Sequence, prompt_ids, max_new_tokens: int, *, beta: float = 1.0,
+                 key: Optional[jax.Array] = None, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_id: Optional[int] = None, pad_id: int = 0) -> jax.Array:
+    """EFT up-scaling decode with three KV caches: each step samples from
+    ``log_softmax(log p_Lb + beta (log p_Sft - log p_Sb))`` (``jaxeff.losses.eft_logprobs``).
+
+    Paper: "An Emulator for Fine-Tuning Large Language Models using Small Language Models"
+    (Mitchell et al., 2023). ``models`` is ``[(params, cfg)]`` for (large base, small fine-tuned,
+    small base); the configs may differ but must share the vocabulary. The cached counterpart of
+    ``jaxeff.losses.eft_generate`` (which recomputes the prefix each step); the other arguments
+    and the result are as in :func:`generate`.
+
+    Raises what :func:`generate` raises; ValueError for not three models or differing
+    vocabularies; ValueError for a non-finite ``beta``.
+    """
+    if not isinstance(models, (list, tuple)) or len(models) != 3 or not all(
+            isinstance(m, (list, tuple)) and len(m) == 2
+            and isinstance(m[1], llama.LlamaConfig) for m in models):
+        raise ValueError("models must be three (params, LlamaConfig) pairs: (large base, small "
+                         "fine-tuned, small base)")
+    vocab = {m[1].vocab_size for m in models}
+    if len(vocab) != 1:
+        raise ValueError(f"the three models must share the vocabulary; got sizes {sorted(vocab)}")
+    beta = check_float("beta", beta)
+    return _run(list(models), prompt_ids, max_new_tokens, key=key, temperature=temperature,
+                top_p=top_p, eos_id=eos_id, pad_id=pad_id, beta=beta)

@@ -104,3 +104,26 @@ def test_next_token_loss_shifts_the_stream(params):
     np.testing.assert_allclose(llama.next_token_loss(params, toks[None], CFG), want, rtol=1e-6)
     with pytest.raises(ValueError, match="T >= 2"):
         llama.next_token_loss(params, toks[:1], CFG)
+
+
+def test_eft_with_caches_equals_the_uncached_eft_sampler(params):
+    from jaxeff.losses import eft_generate
+    from jaxeff.models import generate_eft
+    small = CFG.replace(d_model=16, n_heads=2, n_kv_heads=1, d_ff=24)
+    sft = jax.tree.map(lambda x: x * 8 if x.ndim == 3 else x,
+                       llama.init_params(jax.random.key(5), small))
+    sb = jax.tree.map(lambda x: x * 8 if x.ndim == 3 else x,
+                      llama.init_params(jax.random.key(6), small))
+    models = [(params, CFG), (sft, small), (sb, small)]
+    prompt = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
+    fns = [jax.jit(lambda x, p=p, c=c: llama.forward(p, x, c)) for p, c in models]
+    want = eft_generate(jax.random.key(0), fns, prompt, 6, beta=1.0, temperature=0.0)
+    got = generate_eft(models, prompt, 6, beta=1.0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[:, 5:])
+    np.testing.assert_array_equal(generate_eft(models, prompt, 6, beta=0.0),
+                                  generate(params, CFG, prompt, 6))
+    assert not np.array_equal(np.asarray(got), np.asarray(generate(params, CFG, prompt, 6)))
+    with pytest.raises(ValueError, match="three"):
+        generate_eft(models[:2], prompt, 2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate_eft([models[0], models[1], (sb, small.replace(vocab_size=38))], prompt, 2)
