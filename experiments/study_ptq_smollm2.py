@@ -136,7 +136,8 @@ def main(argv=None):
     report = {"study": "ptq_smollm2", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {os.cpu_count()} cpus, load average "
                          f"{os.getloadavg()[0]:.1f} at the end (shared machine: noisy times)",
-              "command": "python -m experiments.study_ptq_smollm2 " + " ".join(argv or sys.argv[1:]),
+              "command": ("python -m experiments.study_ptq_smollm2 "
+                          + " ".join(argv or sys.argv[1:])),
               "percdamp": args.percdamp, "calib_segments": args.calib, "results": results,
               "anchor_gptqmodel_7.6.0": {"seconds": 142.5, "increase": 0.159,
                                          "note": "4-bit g128, its own eval chunking"}}

@@ -14,9 +14,9 @@ is model-agnostic and never imports this package).
 * tokenizers of real models: ``HFTokenizer``, ``ChatML``, ``gguf_tokenizer``, ``json_tokenizer``.
 """
 from jaxeff.models import bert, llama
-from jaxeff.models._checkpoints import (config_from_hf, gguf_config, hf_config, load_gguf,
-                                        load_safetensors, permute_qk, save_safetensors,
-                                        unpermute_qk)
+from jaxeff.models._checkpoints import (config_from_hf, hf_config, load_safetensors,
+                                        save_safetensors)
+from jaxeff.models._gguf import gguf_config, load_gguf, permute_qk, unpermute_qk
 from jaxeff.models._generate import (KVCache, decode_step, generate, generate_eft, init_cache,
                                      prefill, sample_token)
 from jaxeff.models._pretrained import PRETRAINED, Pretrained, pretrained, pretrained_path

@@ -23,7 +23,8 @@ import importlib.util
 import os
 from typing import Any, NamedTuple
 
-from jaxeff.models._checkpoints import config_from_hf, load_gguf, load_safetensors, require
+from jaxeff.models._checkpoints import config_from_hf, load_safetensors, require
+from jaxeff.models._gguf import load_gguf
 from jaxeff.models._tokenizers import HFTokenizer, gguf_tokenizer, json_tokenizer
 
 __all__ = ["Pretrained", "pretrained", "pretrained_path", "PRETRAINED"]

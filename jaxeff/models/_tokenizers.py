@@ -1,4 +1,4 @@
-"""Tokenizers of real checkpoints, on HF ``tokenizers``: GGUF-embedded BPE, ``tokenizer.json``, ChatML.
+"""Tokenizers of real checkpoints on HF ``tokenizers``: GGUF-embedded BPE, tokenizer.json, ChatML.
 
 :class:`HFTokenizer` wraps a ``tokenizers.Tokenizer`` in jaxeff's tokenizer protocol
 (``jaxeff.data.Tokenizer``: ``encode`` without special tokens, ``decode`` dropping them,
@@ -165,8 +165,8 @@ def gguf_tokenizer(path_or_reader) -> HFTokenizer:
     """
     gguf = require("gguf")
     tk = require("tokenizers")
-    reader = (gguf.GGUFReader(str(path_or_reader)) if not isinstance(path_or_reader, gguf.GGUFReader)
-              else path_or_reader)
+    reader = (path_or_reader if isinstance(path_or_reader, gguf.GGUFReader)
+              else gguf.GGUFReader(str(path_or_reader)))
     model = _gguf_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model={model!r}; gguf_tokenizer rebuilds 'gpt2' "

@@ -68,7 +68,10 @@ def init_params(key: jax.Array, cfg: BertConfig) -> dict:
     dt = jnp.dtype(cfg.dtype)
     L, D, F = cfg.n_layers, cfg.d_model, cfg.d_ff
     ks = iter(jax.random.split(key, 12))
-    nrm = lambda shape: (0.02 * jax.random.normal(next(ks), shape, jnp.float32)).astype(dt)  # noqa: E731
+
+    def nrm(shape):
+        return (0.02 * jax.random.normal(next(ks), shape, jnp.float32)).astype(dt)
+
     zeros, ones = (lambda *s: jnp.zeros(s, dt)), (lambda *s: jnp.ones(s, dt))
     params = {
         "tok_embed": nrm((cfg.vocab_size, D)), "pos_embed": nrm((cfg.max_positions, D)),
