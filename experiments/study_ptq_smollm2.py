@@ -23,7 +23,8 @@ before the last 8,192, so calibration and evaluation never overlap (32K calibrat
 
 Each method runs in its own subprocess (so the peak resident memory, ``ru_maxrss``, is that
 method's, and nothing compiled by one run is reused by the next) and reports the held-out loss, its
-increase over fp32, the quantization wall time (including XLA compilation) and the peak RSS.
+increase over fp32, the quantization wall time (including XLA compilation), its CPU time (all
+threads; less sensitive than wall time to other jobs on a shared machine) and the peak RSS.
 Anchor (issue 17, measured on this 2-core CPU): gptqmodel 7.6.0, 4-bit g128: 142.5 s, loss
 +0.159 over fp32 under its own evaluation chunking (3.633 -> 3.792). Caveat: SmolLM2's weights are
 themselves dequantized Q4_1, so these are relative effects on real trained weights, not bf16 ones;
@@ -73,7 +74,7 @@ def run_one(method, bits, args):
     loss_fn = jax.jit(lambda p: llama.next_token_loss(materialize(p), eval_ids, cfg))
     out = {"method": method, "bits": bits, "group_size": 128, "eval_tokens": EVAL_TOKENS,
            "calib_tokens": int(sum(b["inputs"].size for b in calib)), "text_tokens": n_tokens}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         if method == "fp32":
             q = params
@@ -85,9 +86,11 @@ def run_one(method, bits, args):
                            progress=True)
         jax.block_until_ready(q)
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - c0
         out["loss"] = float(loss_fn(q))
     except ValueError as e:      # an honest failure (e.g. the singular-Hessian check) is a result
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - c0
         out["error"] = str(e)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
