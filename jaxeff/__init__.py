@@ -10,7 +10,8 @@ Subpackages (each a flat namespace of functions and classes, optax's layout):
   ``make_meco_dataset``, ``select_top``, ``near_duplicates``, mixtures, ...
 * ``jaxeff.schedules`` -- learning-rate schedules: ``wsd``, ``power``, ``infinite``, ``rewarm``.
 * ``jaxeff.losses`` -- distillation and EFT losses.
-* ``jaxeff.models`` -- reference models (a LLaMA-style decoder) for experiments and tests.
+* ``jaxeff.models`` -- reference models (a LLaMA-style decoder, a BERT encoder), GGUF /
+  safetensors loaders, ``pretrained("smollm2-135m")`` and KV-cache ``generate``.
 * ``jaxeff.kernels`` -- Pallas kernels with their ``jnp`` reference twins and dispatchers.
 * ``jaxeff.select`` (the one selector convention: one path per leaf with or without an
   ``nnx.Variable``, ``is_weight_matrix`` -- the default selection of matrix transforms --, and

@@ -39,7 +39,8 @@ from jaxeff.params._linear import linear
 from jaxeff.params._structured import is_structured
 
 __all__ = ["LlamaConfig", "PRESETS", "init_params", "abstract_params", "forward", "loss_fn",
-           "embed", "block", "logits", "param_count", "reference_attention", "project"]
+           "embed", "block", "logits", "param_count", "reference_attention", "project",
+           "next_token_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,3 +323,15 @@ def loss_fn(params, batch, cfg: LlamaConfig, attention_fn: Optional[Callable] = 
         mask = jnp.ones(batch["targets"].shape, jnp.float32)
     loss, n = cross_entropy(out, batch["targets"], mask)
     return loss, {"tokens": n}
+
+
+def next_token_loss(params, tokens, cfg: LlamaConfig, attention_fn: Optional[Callable] = None):
+    """Mean next-token cross-entropy of a plain token stream ``[T]`` or ``[B, T]`` (one document
+    per row, no BOS added): inputs ``tokens[..., :-1]``, targets ``tokens[..., 1:]``, so a row of
+    ``T`` tokens gives ``T - 1`` predictions. Raises ValueError for fewer than 2 tokens."""
+    tokens = jnp.asarray(tokens)
+    tokens_BxT = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens_BxT.ndim != 2 or tokens_BxT.shape[1] < 2:
+        raise ValueError(f"tokens must be [T] or [B, T] with T >= 2; got shape {tokens.shape}")
+    out = forward(params, tokens_BxT[:, :-1], cfg, attention_fn=attention_fn)
+    return cross_entropy(out, tokens_BxT[:, 1:], jnp.ones(tokens_BxT[:, 1:].shape))[0]
