@@ -87,6 +87,11 @@ def test_ci_runs_the_readme_test_command():
     ci = [line.strip() for line in open(os.path.join(root, ".ci", "run"))
           if line.strip().startswith("python -m pytest")]
     assert len(ci) == 1 and ("&& " + ci[0] + "\n") in readme
+    # every install step of CI after pip's own upgrade is in the README's command too
+    installs = [line.strip().replace("python -m pip", "pip").replace(" -q", "")
+                for line in open(os.path.join(root, ".ci", "run"))
+                if line.strip().startswith("python -m pip install") and "--upgrade pip" not in line]
+    assert installs and all(("&& " + i + " &&") in readme for i in installs), installs
 
 
 def test_t_interval_matches_the_formula():
