@@ -323,7 +323,8 @@ def _matrix(info: ParamInfo):
 def _sophia(s, ctx):
     rep = ctx.replicated
     return s._replace(count=rep(s.count), mu=ctx.walk(s.mu), h=ctx.walk(s.h),
-                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate))
+                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate),
+                      n_skipped=rep(s.n_skipped))
 
 
 @register_rule("jaxeff.optim._sparsity.SparseState")
@@ -331,7 +332,8 @@ def _sparse(s, ctx):
     rep = ctx.replicated
     return s._replace(count=rep(s.count), masks=ctx.walk(s.masks),
                       inner_state=ctx.walk(s.inner_state), density_sum=rep(s.density_sum),
-                      density_comp=rep(s.density_comp), dense=rep(s.dense))
+                      density_comp=rep(s.density_comp), dense=rep(s.dense),
+                      n_bad_schedule=rep(s.n_bad_schedule))
 
 
 _GROUPED = ("jaxeff.optim._compress.GroupQuantized", "jaxeff.optim._compress.GroupQuantizedDRE")
