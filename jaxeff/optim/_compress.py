@@ -25,7 +25,8 @@ Non-finite values (a deviation: bitsandbytes and COAT let one inf or NaN make it
 inf, so every value of the group decodes to NaN for ever after): ``M`` and ``m`` are taken over
 the finite values only, and a group holding inf/NaN stores ``scale = -M`` (sign bit as the flag;
 no extra bytes). In a flagged group the finite values are quantized as usual and then kept off the
-top codes (``|q| <= 126`` for int8, ``<= 416`` for E4M3: only the group's absmax loses a step), and
+top codes (codes rescaled to the range ``Q' = 126`` for int8, ``416`` for E4M3, decoded with
+``M (Q/Q')^(1/k)`` in place of ``M``), and
 the top codes mean ``±inf`` (int8 ``±127``, E4M3 ``±448``) and NaN (int8 ``-128``, E4M3 NaN); this
 wraps ``jaxeff.kernels.group_quant`` (applied to the finite values), whose math is unchanged. Every value thus round-trips its own non-finiteness, exactly as an uncompressed state
 keeps it: the state evolves like optax's, coordinate by coordinate (a 1e30 gradient makes Adam's
@@ -139,7 +140,9 @@ def _with_specials(quant, x, fmt, expand):
     codes, mx, k = quant(jnp.where(finite, x, 0.0), fmt, expand)
     q = codes.astype(jnp.float32)
     top, keep = _QMAX[fmt], _QMAX_SPECIAL[fmt]
-    q = jnp.where(special[..., None], jnp.clip(q, -keep, keep), q)
+    # flagged groups use the range Q' (codes rescaled by Q'/Q: the group's absmax stays exact)
+    rescaled = q * (keep / top)
+    q = jnp.where(special[..., None], jnp.round(rescaled) if fmt == "int8" else rescaled, q)
     q = jnp.where(jnp.isinf(x), jnp.sign(x) * top, q)
     q = jnp.where(jnp.isnan(x), -128.0 if fmt == "int8" else jnp.nan, q)
     return q.astype(codes.dtype), jnp.where(special, -mx, mx), k
@@ -152,8 +155,15 @@ def group_dequantize(codes, absmax, k=None, fmt: str | None = None):
     (``jaxeff.kernels.group_quant.group_dequantize``, on ``|absmax|``; a negative ``absmax``
     flags a group whose top codes mean ±inf and, for int8, -128 NaN.)
     """
-    x = _gq.group_dequantize(codes, jnp.abs(absmax), k, fmt)
-    fmt = fmt or ("int8" if codes.dtype == jnp.int8 else "fp8")
+    if fmt is None:
+        fmt = ("int8" if codes.dtype == jnp.int8 else
+               "fp8" if codes.dtype == jnp.float8_e4m3fn else None)
+    if fmt not in _QMAX:
+        raise ValueError(f"codes.dtype={codes.dtype}: expected int8 or float8_e4m3fn codes")
+    m = jnp.abs(absmax)
+    ratio = _QMAX[fmt] / _QMAX_SPECIAL[fmt]          # flagged groups were coded with Q' = Q/ratio
+    m = jnp.where(jnp.signbit(absmax), m * (ratio if k is None else ratio ** (1.0 / k)), m)
+    x = _gq.group_dequantize(codes, m, k, fmt)
     flag = jnp.signbit(absmax)[..., None]
     q = codes.astype(jnp.float32)
     x = jnp.where(flag & (jnp.abs(q) == _QMAX[fmt]), jnp.sign(q) * jnp.inf, x)

@@ -278,7 +278,9 @@ def test_non_finite_values_round_trip_alone(fmt, expand):
     assert np.isfinite(y[ok]).all()
     ref = np.asarray(_rt(x, fmt, 128, expand))
     np.testing.assert_array_equal(y[1], ref[1])           # the clean group is untouched
-    np.testing.assert_allclose(y[0][ok[0]], np.asarray(x)[0][ok[0]], rtol=0.07, atol=1e-5)
+    # flagged E4M3 groups round twice (to Q = 448, then rescaled to Q' = 416): up to one ulp, 1/8
+    rtol = 0.13 if fmt == "fp8" else 0.07
+    np.testing.assert_allclose(y[0][ok[0]], np.asarray(x)[0][ok[0]], rtol=rtol, atol=1e-5)
     all_bad = jnp.full((1, 128), jnp.nan).at[0, 0].set(jnp.inf)
     z = np.asarray(_rt(all_bad, fmt, 128, expand))
     assert z[0, 0] == np.inf and np.isnan(z[0, 1:]).all()
@@ -324,7 +326,8 @@ def test_one_bad_gradient_does_not_poison_the_group(fmt, bad):
     np.testing.assert_array_equal(us_c[-1, 128:], us_clean[-1, 128:])
     err_hit = np.abs(us_c[-1, 1:128] - us_ref[-1, 1:128]).max()
     err_clean = np.abs(us_clean[-1, 1:] - us_ref[-1, 1:]).max()  # compression error, any group
-    assert err_hit <= 2.5 * max(err_clean, 0.02), (err_hit, err_clean)  # fp8 1e30: 0.33 vs 0.17
+    # fp8 1e30: 0.43 vs 0.17 (the flagged group rescales its E4M3 codes to Q' = 416: double rounding)
+    assert err_hit <= 3 * max(err_clean, 0.02), (err_hit, err_clean)
     for node in jax.tree.leaves(s_c, is_leaf=C.is_quantized):
         if C.is_quantized(node):                             # scales stay finite
             assert np.isfinite(np.asarray(node.scale)).all()
