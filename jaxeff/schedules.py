@@ -24,9 +24,10 @@ Papers:
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax.numpy as jnp
+
+from jaxeff._checks import check_choice, check_float
 
 __all__ = ["decay_shape", "wsd", "power", "infinite", "rewarm", "DECAY_SHAPES"]
 
@@ -42,18 +43,14 @@ _INV_SQRT_SCALE = 10.0
 
 # ----------------------------------------------------------------------------- validation
 def _number(name, value, *, min_value=None, max_value=None, strict_min=False, integer=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    if integer and int(value) != value:
-        raise ValueError(f"{name} must be a whole number of steps; got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value!r}")
-    if min_value is not None and (value <= min_value if strict_min else value < min_value):
-        op = ">" if strict_min else ">="
-        raise ValueError(f"{name} must be {op} {min_value}; got {value!r}")
-    if max_value is not None and value > max_value:
-        raise ValueError(f"{name} must be <= {max_value}; got {value!r}")
-    return int(value) if integer else float(value)
+    """``jaxeff._checks.check_float`` (finite, in range); ``integer``: a whole number of steps
+    (``100`` or ``100.0``), returned as an int."""
+    v = check_float(name, value, min_value, max_value, min_open=strict_min)
+    if integer:
+        if v != int(v):
+            raise ValueError(f"{name} must be a whole number of steps; got {value!r}")
+        return int(v)
+    return v
 
 
 def _fraction(name, value):
@@ -61,9 +58,7 @@ def _fraction(name, value):
 
 
 def _shape(name, shape, allowed=DECAY_SHAPES):
-    if shape not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {shape!r}")
-    return shape
+    return check_choice(name, shape, allowed)
 
 
 # ----------------------------------------------------------------------------- pieces

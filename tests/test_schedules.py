@@ -151,3 +151,28 @@ def test_bad_types():
         S.wsd("big", 100, 5)
     with pytest.raises(ValueError, match="total_steps"):
         S.wsd(1e-3, 10.5, 1)
+
+
+@pytest.mark.parametrize("fn, kwargs, err, match", [   # siblings: non-finite and wrong types
+    (S.wsd, dict(peak=float("inf"), total_steps=100, warmup=5), ValueError,
+     "peak must be a finite number > 0"),
+    (S.wsd, dict(peak=float("nan"), total_steps=100, warmup=5), ValueError, "peak must be"),
+    (S.wsd, dict(peak=1e-3, total_steps=float("inf"), warmup=5), ValueError,
+     "total_steps must be a finite number"),
+    (S.wsd, dict(peak=1e-3, total_steps=float("nan"), warmup=5), ValueError, "total_steps"),
+    (S.wsd, dict(peak=1e-3, total_steps=100, warmup=True), TypeError, "warmup must be a real"),
+    (S.wsd, dict(peak=1e-3, total_steps=100, warmup=5, shape=None), ValueError,
+     "shape must be one of"),
+    (S.power, dict(peak=0.02, batch_size="4", tokens_per_step=10), TypeError, "batch_size"),
+    (S.infinite, dict(peak=1e-3, total_steps=100, warmup_end=float("nan")), ValueError,
+     "warmup_end"),
+    (S.rewarm, dict(prev_final=float("inf"), peak=1e-3, total_steps=10, warmup=2), ValueError,
+     "prev_final"),
+])
+def test_non_finite_and_wrong_types(fn, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fn(**kwargs)
+
+
+def test_whole_float_steps_still_accepted():
+    assert float(S.wsd(1e-3, 100.0, 5.0)(5)) == pytest.approx(1e-3)

@@ -32,11 +32,12 @@ online distillation).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxeff._checks import check_float, check_fraction, check_int
 
 __all__ = ["kd_loss", "distillation_loss", "hidden_state_loss", "init_projection", "project",
            "masked_mean", "REDUCTIONS", "HIDDEN_KINDS"]
@@ -46,14 +47,6 @@ HIDDEN_KINDS = ("mse", "cosine")
 
 
 # ----------------------------------------------------------------------------- validation
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")
-    if not (value > 0 and value < float("inf")):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
 def _same_shape(a_name, a, b_name, b):
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f"{a_name} has shape {tuple(a.shape)} but {b_name} has shape "
@@ -117,7 +110,7 @@ def kd_loss(student_logits, teacher_logits, mask=None, *, temperature: float = 1
       ValueError / TypeError naming the argument: shape mismatch, non-positive temperature,
       bad mask shape, unknown reduction.
     """
-    T = _positive("temperature", temperature)
+    T = check_float("temperature", temperature, 0.0, min_open=True)
     student_logits, teacher_logits = jnp.asarray(student_logits), jnp.asarray(teacher_logits)
     _same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_reduction(reduction)
@@ -166,8 +159,7 @@ def distillation_loss(student_logits, teacher_logits, labels=None, mask=None, *,
                   reduction="none", stop_teacher_gradient=stop_teacher_gradient)
     if labels is not None:
         student_logits = jnp.asarray(student_logits)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1]; got {alpha!r}")
+        alpha = check_fraction("alpha", alpha)
         labels = jnp.asarray(labels)
         if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
             raise ValueError(f"labels has shape {tuple(labels.shape)} but the logits' positions "
@@ -190,8 +182,7 @@ def init_projection(key: jax.Array, student_dim: int, teacher_dim: int, *,
     Raises ValueError for non-positive dimensions.
     """
     for name, v in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"{name} must be a positive int; got {v!r}")
+        check_int(name, v, 1)
     if identity and student_dim == teacher_dim:
         kernel = jnp.eye(student_dim, dtype=dtype)
     else:

@@ -21,11 +21,12 @@ speculative-decoding speed-up is not implemented.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from jaxeff._checks import check_float, check_int
 
 __all__ = ["eft_logprobs", "eft_sample", "eft_generate"]
 
@@ -43,18 +44,15 @@ def _check_three(large_base, small_ft, small_base):
 
 
 def _check_beta(beta):
-    if isinstance(beta, bool):
+    """A finite number, or an array (per-position betas, possibly traced: not checked)."""
+    if isinstance(beta, (bool, str)) or beta is None:
         raise TypeError(f"beta must be a number or an array; got {beta!r}")
-    if isinstance(beta, numbers.Real) and not (abs(beta) < float("inf")):
-        raise ValueError(f"beta must be finite; got {beta!r}")
+    if not hasattr(beta, "shape"):
+        check_float("beta", beta)
 
 
 def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                         f"{temperature!r}")
-    return float(temperature)
+    return check_float("temperature (0 = greedy)", temperature, 0.0)
 
 
 def eft_logprobs(large_base_logits, small_ft_logits, small_base_logits, *, beta=1.0):
@@ -134,9 +132,7 @@ def eft_generate(key: jax.Array, logits_fns: Sequence[Callable], prompt, max_new
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be int [batch, length >= 1]; got shape "
                          f"{tuple(prompt.shape)} dtype {prompt.dtype}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     temperature = _check_temperature(temperature)
     _check_beta(beta)
     B, P = prompt.shape

@@ -21,6 +21,21 @@ we store ``M`` and ``k`` (8 bytes per group instead of 12); the codes are identi
 ``[-Q, Q]`` before the cast (``float8_e4m3fn`` casts do not saturate: 449 becomes NaN) and int8
 codes are rounded to nearest. Storage: 1 byte per value plus 4 (linear) or 8 (DRE) bytes per group.
 
+Non-finite values (a deviation: bitsandbytes and COAT let one inf or NaN make its group's absmax
+inf, so every value of the group decodes to NaN for ever after): ``M`` and ``m`` are taken over
+the finite values only, and a group holding inf/NaN stores ``scale = -M`` (sign bit as the flag;
+no extra bytes). In a flagged group the finite values are quantized as usual and then kept off the
+top codes (codes rescaled to the range ``Q' = 126`` for int8, ``416`` for E4M3, decoded with
+``M (Q/Q')^(1/k)`` in place of ``M``), and
+the top codes mean ``±inf`` (int8 ``±127``, E4M3 ``±448``) and NaN (int8 ``-128``, E4M3 NaN); this
+wraps ``jaxeff.kernels.group_quant`` (applied to the finite values), whose math is unchanged. Every value thus round-trips its own non-finiteness, exactly as an uncompressed state
+keeps it: the state evolves like optax's, coordinate by coordinate (a 1e30 gradient makes Adam's
+``nu`` inf, so that coordinate's updates are 0 after it, in both; an inf or NaN gradient makes
+that coordinate's updates NaN, in both; the group's other values stay finite). A *finite*
+outlier (e.g. ``mu = 1e29``) is a legitimate absmax: it coarsens the other values of its group
+until it decays (inherent to absmax groups). Wrap in ``optax.apply_if_finite`` to skip
+non-finite steps altogether (the compressed state is then left exactly as it was).
+
 Layout: groups run over the smallest suffix of trailing axes whose size ``g`` divides, so the
 leading axes (e.g. the stacked layer axis) stay intact and a leading-axis sharding survives
 compression; codes are ``[..., G, g]``. The quantizer itself lives in ``jaxeff.kernels.group_quant``
@@ -44,8 +59,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff._checks import check_choice, check_int, check_same_shapes
 from jaxeff.kernels import group_quant as _gq
-from jaxeff.select import select_mask, select_values, strip_variables
+from jaxeff.select import path_str, select_mask, select_values, strip_variables
 from jaxeff.state_sharding import axis_names, register_rule
 
 __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", "group_quantize",
@@ -54,10 +70,12 @@ __all__ = ["GroupQuantized", "GroupQuantizedDRE", "CompressedState", "FORMATS", 
 
 FORMATS = ("none", "bf16", "int8", "fp8")
 _QMAX = _gq.GROUP_QMAX
+_QMAX_SPECIAL = {"int8": 126.0, "fp8": 416.0}  # flagged groups: the top codes are reserved
 
 
 class GroupQuantized(NamedTuple):
-    """Linear group quantization: ``codes`` int8 / float8_e4m3fn [..., G, g], ``scale`` = absmax f32 [..., G]."""
+    """Linear group quantization: ``codes`` int8 / float8_e4m3fn [..., G, g], ``scale`` = absmax of the finite
+    values f32 [..., G] (negative: the group holds inf/NaN codes)."""
     codes: jax.Array
     scale: jax.Array
 
@@ -79,9 +97,10 @@ def is_quantized(x) -> bool:
     return isinstance(x, (GroupQuantized, GroupQuantizedDRE))
 
 
-def _check_fmt(fmt, argname="fmt"):
-    if fmt not in FORMATS:
-        raise ValueError(f"{argname}={fmt!r} is not a known format; valid: {FORMATS}")
+def _check_fmt(fmt, argname="fmt", valid=FORMATS):
+    if not isinstance(fmt, str):
+        raise TypeError(f"{argname} must be one of {valid} (a str); got {fmt!r}")
+    check_choice(argname, fmt, valid)
 
 
 def dre_exponent(absmax, absmin, fmt: str = "fp8"):
@@ -92,7 +111,7 @@ def dre_exponent(absmax, absmin, fmt: str = "fp8"):
     ``(a/M)^k`` away from f32 underflow for groups whose values agree to ~1e-6). A multiple of 1/16.
     Computed by ``jaxeff.kernels.group_quant.dre_exponent`` (the one home of this math).
     """
-    _check_fmt(fmt)
+    _check_fmt(fmt, valid=tuple(_QMAX))
     return _gq.dre_exponent(absmax, absmin, fmt)
 
 
@@ -104,20 +123,54 @@ def group_quantize(x_GxS, fmt: str = "fp8", expand: bool = True):
     ``jaxeff.kernels.group_quant.group_quantize_reference``, the definition its Pallas kernel
     (``group_quantize_pallas``, Triton and Mosaic) reproduces bit for bit.
 
+    Non-finite values keep codes of their own (module docstring): ``M`` is the absmax of the
+    finite values and a group holding inf/NaN returns ``scale = -M``.
+
     Raises ValueError for a format other than 'int8' or 'fp8'.
     """
-    if fmt not in _QMAX:
-        raise ValueError(f"fmt={fmt!r}: group_quantize takes 'int8' or 'fp8'")
-    return _gq.group_quantize_reference(x_GxS, fmt, expand)
+    _check_fmt(fmt, valid=tuple(_QMAX))
+    return _with_specials(_gq.group_quantize_reference, x_GxS, fmt, expand)
+
+
+def _with_specials(quant, x, fmt, expand):
+    """``quant`` (the kernels' group quantizer) on the finite values; then inf/NaN codes and the
+    negative-scale flag for the groups that hold them."""
+    x = x.astype(jnp.float32)
+    finite = jnp.isfinite(x)
+    special = jnp.logical_not(jnp.all(finite, axis=-1))
+    codes, mx, k = quant(jnp.where(finite, x, 0.0), fmt, expand)
+    q = codes.astype(jnp.float32)
+    top, keep = _QMAX[fmt], _QMAX_SPECIAL[fmt]
+    # flagged groups use the range Q' (codes rescaled by Q'/Q: the group's absmax stays exact)
+    rescaled = q * (keep / top)
+    q = jnp.where(special[..., None], jnp.round(rescaled) if fmt == "int8" else rescaled, q)
+    q = jnp.where(jnp.isinf(x), jnp.sign(x) * top, q)
+    q = jnp.where(jnp.isnan(x), -128.0 if fmt == "int8" else jnp.nan, q)
+    return q.astype(codes.dtype), jnp.where(special, -mx, mx), k
 
 
 def group_dequantize(codes, absmax, k=None, fmt: str | None = None):
     """Inverse of :func:`group_quantize`: ``x^ = sign(q) M (|q|/Q)^(1/k)`` in f32 (k=None: linear).
 
     ``fmt`` defaults to the format implied by ``codes.dtype``. Raises ValueError on other dtypes.
-    (``jaxeff.kernels.group_quant.group_dequantize``.)
+    (``jaxeff.kernels.group_quant.group_dequantize``, on ``|absmax|``; a negative ``absmax``
+    flags a group whose top codes mean ±inf and, for int8, -128 NaN.)
     """
-    return _gq.group_dequantize(codes, absmax, k, fmt)
+    if fmt is None:
+        fmt = ("int8" if codes.dtype == jnp.int8 else
+               "fp8" if codes.dtype == jnp.float8_e4m3fn else None)
+    if fmt not in _QMAX:
+        raise ValueError(f"codes.dtype={codes.dtype}: expected int8 or float8_e4m3fn codes")
+    m = jnp.abs(absmax)
+    ratio = _QMAX[fmt] / _QMAX_SPECIAL[fmt]          # flagged groups were coded with Q' = Q/ratio
+    m = jnp.where(jnp.signbit(absmax), m * (ratio if k is None else ratio ** (1.0 / k)), m)
+    x = _gq.group_dequantize(codes, m, k, fmt)
+    flag = jnp.signbit(absmax)[..., None]
+    q = codes.astype(jnp.float32)
+    x = jnp.where(flag & (jnp.abs(q) == _QMAX[fmt]), jnp.sign(q) * jnp.inf, x)
+    if fmt == "int8":
+        x = jnp.where(flag & (q == -128.0), jnp.nan, x)
+    return x
 
 
 def _grouping(shape, g):
@@ -171,16 +224,15 @@ def quantize(x, fmt: str = "fp8", group_size: int = 128, expand: bool = True):
     Groups of ``group_size`` consecutive values over the trailing axes (see module docstring for
     the formulas). Raises ValueError for a bad ``fmt`` or ``group_size``.
     """
-    if fmt not in _QMAX:
-        raise ValueError(f"fmt={fmt!r}: quantize takes 'int8' or 'fp8'")
-    if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size={group_size!r} must be a positive int")
+    _check_fmt(fmt, valid=tuple(_QMAX))
+    group_size = check_int("group_size", group_size, 1)
     lead, tail, pad = _grouping(x.shape, group_size)
     x = x.reshape(lead + (tail,))
     if pad:
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
     x = x.reshape(lead + ((tail + pad) // group_size, group_size))
-    codes, mx, k = _gq.group_quantize(x, fmt, expand)  # the dispatcher (kernel where it wins)
+    # the dispatcher (kernel where it wins) on the finite values; specials around it
+    codes, mx, k = _with_specials(_gq.group_quantize, x, fmt, expand)
     return GroupQuantizedDRE(codes, mx, k) if expand else GroupQuantized(codes, mx)
 
 
@@ -234,17 +286,25 @@ def compress_state(inner: optax.GradientTransformation, fmt: Any = "fp8", *, gro
       select: optional selector (``jaxeff.select`` convention) over the inner state's leaf paths;
         default: every floating-point leaf.
 
+    Non-finite values keep their own codes (module docstring): the compressed state follows
+    the uncompressed one coordinate by coordinate, and one inf/NaN never spreads over its group.
+
     Raises:
+      TypeError: ``inner`` is not an optax transformation (e.g. None); a non-int ``group_size``
+        / ``min_size``; a non-bool ``expand``.
       ValueError: unknown ``fmt``, ``group_size <= 0``, ``min_size < 0``, or a ``select`` that
         matches no state leaf (at ``init``).
     """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError("inner must be an optax.GradientTransformation (e.g. "
+                        f"optax.scale_by_adam()); got {inner!r} ({type(inner).__name__})")
     rules = isinstance(fmt, (list, tuple))
-    for f in ([v for _, v in fmt] if rules else [fmt]):
-        _check_fmt(f)
-    if not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size={group_size!r} must be a positive int")
-    if not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"min_size={min_size!r} must be a non-negative int")
+    for i, f in enumerate([v for _, v in fmt] if rules else [fmt]):
+        _check_fmt(f, f"fmt rule {i} value" if rules else "fmt")
+    group_size = check_int("group_size", group_size, 1)
+    min_size = check_int("min_size", min_size, 0)
+    if expand is not None and not isinstance(expand, bool):
+        raise TypeError(f"expand must be True, False or None (the default: True); got {expand!r}")
     inner = optax.with_extra_args_support(inner)
 
     def plan(state):
@@ -270,7 +330,21 @@ def compress_state(inner: optax.GradientTransformation, fmt: Any = "fp8", *, gro
         return CompressedState(encode(inner.init(strip_variables(params))))
 
     def update_fn(updates, state, params=None, **extra_args):
-        ref = jax.eval_shape(inner.init, params if params is not None else updates)
+        if params is not None:
+            check_same_shapes("updates", updates, params, "params")
+        like = params if params is not None else updates
+        ref = jax.eval_shape(inner.init, like)
+        # codes of one size reshape silently: the state must have been made for these shapes
+        want = jax.tree_util.tree_flatten_with_path(jax.eval_shape(init_fn, like))[0]
+        have = jax.tree.leaves(state)
+        if len(want) == len(have):
+            for (path, w), h in zip(want, have):
+                if tuple(w.shape) != tuple(h.shape):
+                    raise ValueError(
+                        f"compress_state: the {'params' if params is not None else 'updates'} "
+                        f"give state leaf {path_str(path)!r} the shape {tuple(w.shape)}, but "
+                        f"the state holds {tuple(h.shape)}; was the gradient transposed, or "
+                        "the state made for another tree?")
         decoded = jax.tree.map(
             lambda r, s: dequantize(s, r.shape, r.dtype) if is_quantized(s) else s.astype(r.dtype),
             ref, state.inner, is_leaf=is_quantized)

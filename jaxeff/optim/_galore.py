@@ -32,6 +32,7 @@ to sign; the reference keeps whatever sign its SVD returns, and so does this cod
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, NamedTuple
 
@@ -39,13 +40,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff._checks import check_float
+from jaxeff._checks import (check_bool, check_float, check_float_dtype, check_float_leaves,
+                            check_learning_rate)
 from jaxeff.optim import _compress as compress
 from jaxeff.optim._projection import (Randomized, align_signs, randomized_projector,
                                       random_orthonormal, reproject_moment, resolve_refresh,
                                       svd_projector)
 from jaxeff.select import (MatrixLayout, flatten_with_paths, is_weight_matrix, matrix_axes_values,
-                           select_mask, select_values)
+                           path_str, select_mask, select_values)
 from jaxeff.select import resolve_rank as _matrix_rank
 from jaxeff.state_sharding import ParamInfo, axis_names, register_rule
 
@@ -148,13 +150,23 @@ def _check_rank(v, where="rank"):
 def _check_gap(v, where="update_proj_gap"):
     if v is None or (not isinstance(v, (str, bool)) and not _is_concrete(v)):
         return
-    if isinstance(v, (bool, str)) or int(v) != float(v) or int(v) <= 0:
+    if isinstance(v, (bool, str)):
+        raise TypeError(f"{where}={v!r} must be a positive int")
+    if not math.isfinite(float(v)) or int(v) != float(v) or int(v) <= 0:
         raise ValueError(f"{where}={v!r} must be a positive int")
 
 
 def _check_type(v, where="proj_type"):
     if v is not None and v not in PROJ_TYPES:
         raise ValueError(f"{where}={v!r} is not a projection type; valid: {PROJ_TYPES}")
+
+
+def _check_scale(v, where="scale"):
+    if v is None:
+        return
+    check_float(where, v, traced_ok=True)
+    if not isinstance(v, jax.core.Tracer) and float(v) <= 0:
+        raise ValueError(f"{where} must be a finite number > 0; got {v!r}")
 
 
 def _check_spec(spec, check, argname):
@@ -336,16 +348,27 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         eps placement, betas (0.9, 0.999)); an explicit ``inner`` is used as given. Default False.
 
     Raises:
-      ValueError: rank <= 0 or larger than min(m, n) of a leaf, gap <= 0, unknown proj_type /
-        refresh / moments, a selector matching no leaf, a selected leaf with < 2 axes.
-      TypeError: a bad selector or matrix_axes.
+      ValueError: rank <= 0 or larger than min(m, n) of a leaf, gap <= 0, a NaN/inf or
+        non-positive scale, unknown proj_type / refresh / moments, a selector matching no leaf,
+        a selected leaf with < 2 axes; at ``update``, a gradient whose matrix shape differs
+        from the one the state's projectors were made for (e.g. transposed), naming the leaf.
+      TypeError: a bad selector or matrix_axes, a non-number scale; at ``init`` a
+        selected non-float params leaf (named by path).
     """
+    if inner is not None and not isinstance(inner, optax.GradientTransformation):
+        raise TypeError("inner must be an optax.GradientTransformation or None (Adam); got "
+                        f"{inner!r} ({type(inner).__name__})")
+    stagger = check_bool("stagger", stagger)
+    sign_align = check_bool("sign_align", sign_align)
+    if projector_dtype is not None and not isinstance(projector_dtype, jax.core.Tracer):
+        projector_dtype = check_float_dtype("projector_dtype", projector_dtype)
     if inner is None:
         inner = scale_by_reference_adam() if reference_mode else optax.scale_by_adam(eps=1e-6)
     inner = optax.with_extra_args_support(inner)
     _check_spec(rank, _check_rank, "rank")
     _check_spec(update_proj_gap, _check_gap, "update_proj_gap")
     _check_spec(proj_type, _check_type, "proj_type")
+    _check_spec(scale, _check_scale, "scale")
     method = resolve_refresh(refresh)
     if moments not in MOMENT_POLICIES:
         raise ValueError(f"moments={moments!r}; valid: {MOMENT_POLICIES}")
@@ -382,6 +405,10 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
 
     def init_fn(params):
         plans = plan(params, True)
+        flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+        check_float_leaves("params", {path_str(flat_p[lp.index][0]): flat_p[lp.index][1]
+                                      for lp in plans},
+                           "GaLore projects float matrices (an int update would be all zero)")
         flat = jax.tree.leaves(params)
         projectors, low = {}, []
         for j, lp in enumerate(plans):
@@ -422,12 +449,31 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         plans = plan(updates, False)
         held = {k: tuple(v) for k, v in state.projectors.items()}
         want = {lp.path: lp.sides for lp in plans}
+        flat = jax.tree.leaves(updates)
+        for lp in plans:   # same leaf, other side: a transposed gradient (m < n flips the side)
+            if lp.path in held and set(held[lp.path]) != set(lp.sides):
+                raise ValueError(
+                    f"GaLore update leaf {lp.path!r} has shape {tuple(flat[lp.index].shape)} and "
+                    f"projects its {'/'.join(lp.sides)} side, but the state's projectors for it "
+                    f"{[tuple(p.shape) for p in state.projectors[lp.path].values()]} project the "
+                    f"{'/'.join(held[lp.path])} side; was the gradient transposed, or the state "
+                    "made for another tree?")
         if held.keys() != want.keys() or any(set(held[k]) != set(want[k]) for k in want):
             raise ValueError(f"GaLore state holds projectors {held} (path: sides) but the updates "
                              f"project {want}; was the state made for another tree?")
         old_ps = [tuple(state.projectors[lp.path][side] for side in lp.sides) for lp in plans]
         count = state.count
-        flat = jax.tree.leaves(updates)
+        for lp, ps in zip(plans, old_ps):   # a transposed or resized gradient
+            m, n = lp.mshape[-2:]
+            got = tuple(ps[s].shape[-2] for s in range(len(ps)))
+            want = tuple(m if side == "left" else n for side in lp.sides)
+            if got != want or tuple(ps[0].shape[:-2]) != lp.mshape[:-2]:
+                raise ValueError(
+                    f"GaLore update leaf {lp.path!r} has shape {tuple(flat[lp.index].shape)} "
+                    f"(matrix {m}x{n}, batch {lp.mshape[:-2]}), but the state's projectors "
+                    f"{[tuple(p.shape) for p in ps]} were made for a "
+                    f"{'x'.join(str(p.shape[-2]) for p in ps)} {'/'.join(lp.sides)} side; "
+                    "was the gradient transposed, or the state made for another tree?")
         low, new_ps, flags = [], [], []
         for j, (lp, ps) in enumerate(zip(plans, old_ps)):
             g = _to_matrix(flat[lp.index], lp)
@@ -443,6 +489,7 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
         if moments != "keep":
             inner_state = _policy(updates, plans, low, old_ps, new_ps, flags, inner_state)
         low_t = low_tree(updates, low)
+        _check_fits_state(low_t, inner_state, plans, flat)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), low_t)
         low_updates, inner_state = inner.update(low_t, inner_state, abstract, **extra_args)
         out = list(jax.tree.leaves(low_updates))
@@ -454,6 +501,25 @@ def scale_by_galore(inner: optax.GradientTransformation | None = None, *, rank: 
                 GaLoreState(optax.safe_increment(count),
                             {lp.path: dict(zip(lp.sides, ps)) for lp, ps in zip(plans, new_ps)},
                             inner_state))
+
+    def _check_fits_state(low_t, inner_state, plans, flat):
+        """The projected updates must have the shapes the inner state was made for (a
+        transposed gradient flips the projected side: same projector shape, other low shape)."""
+        want = jax.tree_util.tree_flatten_with_path(jax.eval_shape(inner.init, low_t))[0]
+        have = jax.tree.leaves(inner_state)
+        if len(want) != len(have):
+            return  # a structure the inner decides on; inner.update reports it
+        for (sp, w), h in zip(want, have):
+            if tuple(w.shape) == tuple(h.shape):
+                continue
+            s_path = path_str(sp)
+            hit = [lp for lp in plans if s_path == lp.path or s_path.endswith("/" + lp.path)
+                   or ("/" + lp.path + "/") in s_path]
+            what = (f"update leaf {hit[0].path!r} of shape {tuple(flat[hit[0].index].shape)} "
+                    f"projects to {tuple(w.shape)}" if hit else f"the updates give {tuple(w.shape)}")
+            raise ValueError(f"GaLore: {what}, but the state's {s_path!r} was made for shape "
+                             f"{tuple(h.shape)}; was the gradient transposed, or the state made "
+                             "for another tree?")
 
     def _policy(updates, plans, low, old_ps, new_ps, flags, inner_state):
         """Apply ``moments`` ('reset' or 'reproject') to the inner-state leaves of refreshed leaves.
@@ -519,9 +585,13 @@ def galore(learning_rate: optax.ScalarOrSchedule, inner: optax.GradientTransform
         :func:`scale_by_reference_adam` unless ``inner`` is given, and the decay applied to the
         updated weights, ``p <- (p - lr u)(1 - lr wd)``. Default False (decay before the update).
 
-    Raises: as :func:`scale_by_galore`; ValueError for a ``mask`` matching no leaf, and (in
+    Raises: as :func:`scale_by_galore`; TypeError for a ``learning_rate`` that is neither a
+    number nor a schedule, or a non-number ``weight_decay``; ValueError for a negative or
+    non-finite ``learning_rate`` / ``weight_decay``, a ``mask`` matching no leaf, and (in
     ``reference_mode``) for an update called without params.
     """
+    learning_rate = check_learning_rate("learning_rate", learning_rate, traced_ok=True)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, traced_ok=True)
     wd_mask = None if mask is None else (lambda params: select_mask(mask, params, argname="mask"))
     core = scale_by_galore(inner, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                            proj_type=proj_type, select=select, matrix_axes=matrix_axes,

@@ -26,28 +26,15 @@ per-device g_hat (GNB) or H u (Hutchinson) are summed/averaged over it before sq
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff._checks import check_callable, check_choice, check_float, check_int, check_optional
+
 __all__ = ["GaussNewtonBartlett", "Hutchinson", "gnb", "hutchinson"]
-
-
-def _positive_int_or_none(name, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int or None; got {value!r}")
-
-
-def _positive_or_none(name, value):
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number or None; got {value!r}")
 
 
 def _scalar_loss(out):
@@ -76,12 +63,11 @@ class GaussNewtonBartlett:
     name = "gnb"
 
     def __post_init__(self):
-        if not callable(self.logits_fn):
-            raise TypeError("gnb needs logits_fn(params, batch) -> logits_[...]xV, a callable; "
-                            f"got {type(self.logits_fn).__name__}")
-        _positive_int_or_none("batch_size", self.batch_size)
-        _positive_or_none("grad_clip", self.grad_clip)
-        _positive_int_or_none("max_rows", self.max_rows)
+        check_callable("logits_fn", self.logits_fn,
+                       "a callable logits_fn(params, batch) -> logits_[...]xV (gnb needs it)")
+        check_optional(check_int, "batch_size", self.batch_size, 1)
+        check_optional(check_float, "grad_clip", self.grad_clip, 0.0, min_open=True)
+        check_optional(check_int, "max_rows", self.max_rows, 1)
 
     def estimate_leaves(self, merge, xs, *, batch=None, key=None, obj_fn=None):
         """``[B * g_hat**2 for each leaf of xs]`` with g_hat from labels sampled from the model."""
@@ -94,6 +80,12 @@ class GaussNewtonBartlett:
         if self.max_rows is not None:
             batch = jax.tree.map(lambda a: a[: self.max_rows], batch)
         logits, vjp_fn = jax.vjp(lambda ps: self.logits_fn(merge(ps), batch), list(xs))
+        if not hasattr(logits, "ndim") or logits.ndim < 1 or logits.shape[-1] < 1 or \
+                not jnp.issubdtype(logits.dtype, jnp.floating):
+            raise ValueError("gnb's logits_fn(params, batch) must return float logits_[...]xV "
+                             "(a last vocabulary axis to sample labels from); got "
+                             f"{type(logits).__name__} of shape {getattr(logits, 'shape', None)}"
+                             f" and dtype {getattr(logits, 'dtype', None)}")
         logits32 = logits.astype(jnp.float32)
         y_hat = jax.random.categorical(key, jax.lax.stop_gradient(logits32), axis=-1)
         if self.mask_key is not None and isinstance(batch, dict) and self.mask_key in batch:
@@ -138,15 +130,10 @@ class Hutchinson:
     name = "hutchinson"
 
     def __post_init__(self):
-        if self.loss_fn is not None and not callable(self.loss_fn):
-            raise TypeError("hutchinson loss_fn must be a callable (params, batch) -> loss; got "
-                            f"{type(self.loss_fn).__name__}")
-        if (isinstance(self.n_probes, bool) or not isinstance(self.n_probes, numbers.Integral)
-                or self.n_probes <= 0):
-            raise ValueError(f"n_probes must be a positive int; got {self.n_probes!r}")
-        if self.distribution not in ("rademacher", "gaussian"):
-            raise ValueError("distribution must be 'rademacher' or 'gaussian'; got "
-                             f"{self.distribution!r}")
+        check_optional(check_callable, "loss_fn", self.loss_fn,
+                       "a callable (params, batch) -> loss (hutchinson's loss_fn)")
+        check_int("n_probes", self.n_probes, 1)
+        check_choice("distribution", self.distribution, ("rademacher", "gaussian"))
 
     def _probe(self, key, xs):
         keys = jax.random.split(key, len(xs))
@@ -172,6 +159,12 @@ class Hutchinson:
             raise ValueError("the Hutchinson estimator has no loss_fn: build it with "
                              "hutchinson(loss_fn) or pass obj_fn=lambda params: loss to update()")
         xs = list(xs)
+        for i, x in enumerate(xs):
+            if not jnp.issubdtype(x.dtype, jnp.floating):
+                raise TypeError(f"the Hutchinson estimator differentiates the params, but leaf "
+                                f"{i} (of those Sophia owns) has dtype {x.dtype}, shape "
+                                f"{tuple(x.shape)}; only float params can be estimated (exclude "
+                                "it with optax.partition / multi_transform)")
         grad_f = jax.grad(f)
 
         def one(k):
@@ -220,9 +213,10 @@ def gnb(logits_fn: Callable[[Any, Any], jax.Array], *, mask_key: Optional[str] =
       axis_name: mapped axis to sum g_hat over under ``shard_map``/``pmap``; not needed with jit.
 
     Raises:
-      TypeError if ``logits_fn`` is not callable; ValueError for non-positive ``batch_size``,
-      ``grad_clip`` or ``max_rows``. At trace time, ValueError if no batch or key is passed, or
-      if the mask's shape does not match the logits.
+      TypeError if ``logits_fn`` is not callable, or ``batch_size`` / ``max_rows`` are not ints;
+      ValueError for non-positive ``batch_size``, ``grad_clip`` or ``max_rows``. At trace time,
+      ValueError if no batch or key is passed, if ``logits_fn`` returns no ``[..., V]`` float
+      logits (e.g. a scalar loss), or if the mask's shape does not match the logits.
     """
     return GaussNewtonBartlett(logits_fn, mask_key, batch_size, grad_clip, max_rows, axis_name)
 
@@ -248,8 +242,9 @@ def hutchinson(loss_fn: Optional[Callable[[Any, Any], Any]] = None, *, n_probes:
       axis_name: mapped axis to average H u over under ``shard_map``/``pmap``.
 
     Raises:
-      TypeError for a non-callable ``loss_fn``; ValueError for non-positive ``n_probes`` or an
-      unknown ``distribution``. At trace time, ValueError if neither ``loss_fn`` nor ``obj_fn``
-      is available, or no key is passed.
+      TypeError for a non-callable ``loss_fn`` or a non-int ``n_probes``; ValueError for
+      non-positive ``n_probes`` or an unknown ``distribution``. At trace time, ValueError if
+      neither ``loss_fn`` nor ``obj_fn`` is available, or no key is passed; TypeError for a
+      non-float parameter leaf (no Hessian-vector product exists).
     """
     return Hutchinson(loss_fn, n_probes, distribution, axis_name)

@@ -37,7 +37,6 @@ to ``optax.scale(m)`` or, for stacked leaves, a per-slice scale along axis 0, in
 """
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from typing import Any, Optional
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeff._checks import check_fraction, check_int
 from jaxeff.select import Selector, flatten_with_paths, select_mask, select_values
 
 __all__ = ["layerwise_scale", "layerwise", "slow_learner", "layer_multipliers",
@@ -59,16 +59,6 @@ DEFAULT_LAYER_INDEX = r"(?:^|/)(?:layers?|blocks?|h)[/_.]?(\d+)(?:/|$)"
 DEFAULT_STACKED = r"(?:^|/)layers/(?!\d+(?:/|$))"
 #: Token/position embeddings.
 DEFAULT_EMBED = r"(?:^|/)(?:embed|embeddings?|wte|wpe|tok_embeddings|pos_embed)(?:/|$)"
-
-
-def _check_scale(name, value, *, allow_zero):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    lo_ok = value >= 0 if allow_zero else value > 0
-    if not lo_ok or value > 1:
-        rng = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ValueError(f"{name} must be in {rng}; got {value!r}")
-    return float(value)
 
 
 def scale_by_layer(multipliers) -> optax.GradientTransformation:
@@ -154,15 +144,14 @@ class _Config:
 
     def __init__(self, decay, num_layers, slow, fast, slow_scale, depth, layer_index, stacked,
                  embed):
-        self.decay = _check_scale("decay", decay, allow_zero=False)
+        self.decay = check_fraction("decay", decay, open_left=True)
         if num_layers is None:
             if self.decay != 1.0:
                 raise ValueError(f"num_layers is needed for layer-wise decay (decay={decay!r})")
-        elif isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) \
-                or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int; got {num_layers!r}")
+        else:
+            check_int("num_layers", num_layers, 1)
         self.L = None if num_layers is None else int(num_layers)
-        self.slow_scale = _check_scale("slow_scale", slow_scale, allow_zero=True)
+        self.slow_scale = check_fraction("slow_scale", slow_scale)
         if slow is not None and fast is not None:
             raise ValueError("give either slow= (the slow leaves) or fast= (every other leaf is "
                              "slow), not both")

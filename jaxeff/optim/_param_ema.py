@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff._checks import check_decay
+from jaxeff._checks import check_decay, check_float_dtype
 from jaxeff.state_sharding import register_rule
 
 __all__ = ["ParamEMAState", "param_ema", "ema_params"]
@@ -74,13 +74,12 @@ def param_ema(decay: Union[float, Callable[[jax.Array], jax.Array]] = 0.999, *,
       dtype: dtype of the average (default float32; a floating dtype).
 
     Raises:
-      ValueError / TypeError: ``decay`` outside [0, 1) or of the wrong type, a non-floating
-      ``dtype``; at update time, ValueError when ``params`` is not passed.
+      ValueError / TypeError: ``decay`` outside [0, 1) or of the wrong type; TypeError for a
+      non-floating ``dtype``; at update time, ValueError when ``params`` is not passed.
     """
     if not callable(decay):
         check_decay(decay)
-    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise ValueError(f"dtype must be a floating dtype; got {dtype!r}")
+    dtype = check_float_dtype("dtype", dtype, allow_none=False)
     if not isinstance(warmup, bool):
         raise TypeError(f"warmup must be a bool; got {warmup!r}")
 

@@ -22,6 +22,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxeff._checks import check_int
+
 __all__ = ["Randomized", "svd_projector", "randomized_projector", "random_orthonormal",
            "resolve_refresh", "align_signs", "reproject_moment"]
 
@@ -31,16 +33,14 @@ class Randomized:
     """Randomized refresh settings: ``oversample`` extra sketch columns p, ``n_iter`` power iterations.
 
     Defaults p=8, n_iter=2. ``n_iter >= 1`` (with 0 the previous projector is never improved).
-    Raises ValueError for ``oversample < 0`` or ``n_iter < 1``.
+    Raises ValueError for ``oversample < 0`` or ``n_iter < 1``, TypeError for non-ints.
     """
     oversample: int = 8
     n_iter: int = 2
 
     def __post_init__(self):
-        if not isinstance(self.oversample, int) or self.oversample < 0:
-            raise ValueError(f"oversample={self.oversample!r} must be an int >= 0")
-        if not isinstance(self.n_iter, int) or self.n_iter < 1:
-            raise ValueError(f"n_iter={self.n_iter!r} must be an int >= 1")
+        check_int("oversample", self.oversample, 0)
+        check_int("n_iter", self.n_iter, 1)
 
 
 def resolve_refresh(refresh):

@@ -69,6 +69,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff._checks import (check_bool, check_float, check_float_dtype, check_float_leaves, check_int,
+                            check_learning_rate, check_optional)
 from jaxeff.optim._hessian import GaussNewtonBartlett, gnb, hutchinson
 from jaxeff.state_sharding import register_rule
 from jaxeff.select import select_mask
@@ -86,47 +88,37 @@ class SophiaState(NamedTuple):
     n_refresh: jax.Array  # int32[]: Hessian refreshes so far
     key: jax.Array        # uint32[2]: split when update() gets no key
     win_rate: jax.Array   # float32[]: fraction of coordinates not clipped at the last update
+    n_skipped: jax.Array  # int32[]: refreshes whose estimate had a non-finite coordinate (kept
+                          #          the old h there, see scale_by_sophia)
 
 
 @register_rule(SophiaState)
 def _sophia_shardings(s: SophiaState, ctx):
     """Sharding (``jaxeff.state_sharding``): ``mu`` and the Hessian EMA ``h`` take the param
-    sharding; counters, key and win rate replicated."""
+    sharding; counters (incl. skipped refreshes), key and win rate replicated."""
     rep = ctx.replicated
     return s._replace(count=rep(s.count), mu=ctx.walk(s.mu), h=ctx.walk(s.h),
-                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate))
+                      n_refresh=rep(s.n_refresh), key=rep(s.key), win_rate=rep(s.win_rate),
+                      n_skipped=rep(s.n_skipped))
 
 
 def _is_masked(x):
     return isinstance(x, optax.MaskedNode)
 
 
-def _concrete(value):
-    """A Python float for a concrete scalar; None for tracers / non-scalars (not checkable)."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _check(name, value, ok, valid):
-    v = _concrete(value)
-    if isinstance(value, bool) or (v is not None and not ok(v)):
-        raise ValueError(f"{name} must be {valid}; got {value!r}")
-
-
-def _validate(b1, b2, rho, eps, clip_threshold, update_interval):
-    _check("b1", b1, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    _check("b2", b2, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-    if rho is not None:
-        _check("rho", rho, lambda v: v > 0.0, "> 0")
-    if eps is not None:
-        _check("eps", eps, lambda v: v > 0.0, "> 0")
-    _check("clip_threshold", clip_threshold, lambda v: v > 0.0, "> 0")
-    _check("update_interval", update_interval, lambda v: v >= 1 and v == int(v),
-           "a positive int (refresh every k steps)")
+def _validate(b1, b2, rho, eps, clip_threshold, update_interval, mu_dtype, seed):
+    """The shared checks of :func:`scale_by_sophia` (``jaxeff._checks``; tracers pass through
+    for ``optax.inject_hyperparams``). Returns the normalised values."""
+    b1 = check_float("b1", b1, 0.0, 1.0, max_open=True, traced_ok=True)
+    b2 = check_float("b2", b2, 0.0, 1.0, max_open=True, traced_ok=True)
+    rho = check_optional(check_float, "rho", rho, 0.0, min_open=True, traced_ok=True)
+    eps = check_optional(check_float, "eps", eps, 0.0, min_open=True, traced_ok=True)
+    clip_threshold = check_float("clip_threshold", clip_threshold, 0.0, min_open=True,
+                                 allow_inf=True, traced_ok=True)
+    update_interval = check_int("update_interval", update_interval, 1, traced_ok=True)
+    mu_dtype = check_float_dtype("mu_dtype", mu_dtype)
+    seed = check_int("seed", seed, traced_ok=True)
+    return b1, b2, rho, eps, clip_threshold, update_interval, mu_dtype, seed
 
 
 def is_refresh_step(step: int, update_interval: int = 10, reference_mode: bool = False) -> bool:
@@ -148,8 +140,7 @@ def split_refresh(refresh_step, plain_step, update_interval: int = 10, start_ste
     calls on the host (no device sync). ``start_step``: the step to resume from. It is glue,
     not state: on resume, build it again with ``start_step=int(state.step)``.
     """
-    _check("update_interval", update_interval, lambda v: v >= 1 and v == int(v),
-           "a positive int (refresh every k steps)")
+    update_interval = check_int("update_interval", update_interval, 1)
     counter = [int(start_step)]
 
     def step(*args, **kwargs):
@@ -187,12 +178,19 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
         (neither the paper nor the reference corrects; optax.contrib corrects m).
       reference_mode: reproduce reference SophiaG exactly (module docstring); forces
         ``bias_correction=False`` and sets an unset GNB ``grad_clip`` to 1.0.
-      mu_dtype: dtype of m; default the gradient dtype.
+      mu_dtype: dtype of m (a float dtype); default the gradient dtype.
       seed: seeds the state key used when ``update`` gets no ``key``; default 0.
 
+    Non-finite Hessian estimates: a refresh whose estimate is inf/NaN at some coordinates
+    (finite gradients, so ``optax.apply_if_finite`` does not see it) keeps the old ``h`` at those
+    coordinates and refreshes the others; ``state.n_skipped`` counts such refreshes. (A
+    non-finite *gradient* propagates as in optax: wrap in ``apply_if_finite``.)
+
     Raises:
-      TypeError for a missing/invalid ``estimator``; ValueError for b1, b2 outside [0, 1), a
-      non-positive rho, eps or clip_threshold, a non-positive-int update_interval, and (at trace
+      TypeError for a missing/invalid ``estimator``, a non-number hyperparameter, a non-float
+      ``mu_dtype``, a non-int ``update_interval`` / ``seed``, and at ``init`` a non-float params
+      leaf (named by path); ValueError for b1, b2 outside [0, 1), NaN/inf or non-positive rho,
+      eps, a non-positive clip_threshold (inf: no clipping), update_interval < 1, and (at trace
       time) for missing ``params``, masked ``params`` without ``unmasked_params``, a traced
       ``refresh``, or what the estimator lacks (batch, key, loss/logits function).
     """
@@ -200,7 +198,10 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
         raise TypeError("estimator must be a Hessian estimator such as jaxeff.optim.gnb("
                         "logits_fn) or jaxeff.optim.hutchinson(loss_fn); got "
                         f"{type(estimator).__name__}")
-    _validate(b1, b2, rho, eps, clip_threshold, update_interval)
+    b1, b2, rho, eps, clip_threshold, update_interval, mu_dtype, seed = _validate(
+        b1, b2, rho, eps, clip_threshold, update_interval, mu_dtype, seed)
+    bias_correction = check_bool("bias_correction", bias_correction)
+    reference_mode = check_bool("reference_mode", reference_mode)
     if reference_mode:
         bias_correction = False
         if isinstance(estimator, GaussNewtonBartlett) and estimator.grad_clip is None:
@@ -210,11 +211,14 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
     k = update_interval
 
     def init_fn(params):
+        check_float_leaves("params", params, "Sophia's m and h (and a Hutchinson HVP) need a "
+                           "float parameter")
         mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
         return SophiaState(count=jnp.zeros([], jnp.int32), mu=mu,
                            h=jax.tree.map(jnp.zeros_like, params),
                            n_refresh=jnp.zeros([], jnp.int32),
-                           key=jax.random.PRNGKey(seed), win_rate=jnp.zeros([], jnp.float32))
+                           key=jax.random.PRNGKey(seed), win_rate=jnp.zeros([], jnp.float32),
+                           n_skipped=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, batch=None, key=None, obj_fn=None,
                   unmasked_params=None, refresh=None, **extra_args):
@@ -254,23 +258,29 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
         state_key, sub = jax.random.split(state.key)
         use_key, new_key = (sub, state_key) if key is None else (key, state.key)
 
-        def do_refresh(h, n):
+        def do_refresh(h, n, n_skip):
             h_hat = estimator.estimate_leaves(merge, [items[i] for i in owned], batch=batch,
                                               key=use_key, obj_fn=obj_fn)
             h_leaves, h_def = jax.tree.flatten(h)
-            new = [(b2 * hl + (1.0 - b2) * e).astype(hl.dtype) for hl, e in zip(h_leaves, h_hat)]
-            return h_def.unflatten(new), optax.safe_increment(n)
+            # a non-finite estimate (finite gradients: apply_if_finite cannot see it) keeps the
+            # old h at that coordinate; the refresh is counted in n_skipped
+            ok = [jnp.isfinite(e) for e in h_hat]
+            new = [jnp.where(o, b2 * hl + (1.0 - b2) * e, hl).astype(hl.dtype)
+                   for hl, e, o in zip(h_leaves, h_hat, ok)]
+            bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(o) for o in ok]))) if ok else False
+            return (h_def.unflatten(new), optax.safe_increment(n),
+                    n_skip + jnp.asarray(bad, jnp.int32))
 
         if refresh is None:
             due = state.count % k == 0
             if reference_mode:
                 due = jnp.logical_and(due, state.count > 0)
-            h, n_refresh = jax.lax.cond(due, do_refresh, lambda h, n: (h, n),
-                                        state.h, state.n_refresh)
+            h, n_refresh, n_skipped = jax.lax.cond(due, do_refresh, lambda h, n, m: (h, n, m),
+                                                   state.h, state.n_refresh, state.n_skipped)
         elif refresh:
-            h, n_refresh = do_refresh(state.h, state.n_refresh)
+            h, n_refresh, n_skipped = do_refresh(state.h, state.n_refresh, state.n_skipped)
         else:
-            h, n_refresh = state.h, state.n_refresh
+            h, n_refresh, n_skipped = state.h, state.n_refresh, state.n_skipped
 
         if bias_correction:
             m_hat = optax.tree.bias_correction(mu, b1, count_inc)
@@ -291,7 +301,8 @@ def scale_by_sophia(estimator, b1: float = 0.965, b2: float = 0.99, rho: Optiona
             lambda r, g: jnp.clip(r, -clip_threshold, clip_threshold).astype(g.dtype),
             ratio, updates)
         return out, SophiaState(count=count_inc, mu=mu, h=h, n_refresh=n_refresh, key=new_key,
-                                win_rate=jnp.asarray(win_rate, jnp.float32))
+                                win_rate=jnp.asarray(win_rate, jnp.float32),
+                                n_skipped=n_skipped)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -325,12 +336,13 @@ def sophia(learning_rate, estimator, b1: float = 0.965, b2: float = 0.99,
       mu_dtype, seed: see :func:`scale_by_sophia`.
 
     Raises:
-      ValueError for a non-positive ``learning_rate`` (a number), a negative ``weight_decay``,
-      and everything :func:`scale_by_sophia` raises.
+      TypeError for a ``learning_rate`` that is neither a number nor a schedule; ValueError for
+      a non-positive or non-finite ``learning_rate`` (a number), a negative or non-finite
+      ``weight_decay``, and everything :func:`scale_by_sophia` raises.
     """
-    if not callable(learning_rate):
-        _check("learning_rate", learning_rate, lambda v: v > 0.0, "> 0 (or a schedule)")
-    _check("weight_decay", weight_decay, lambda v: v >= 0.0, ">= 0")
+    learning_rate = check_learning_rate("learning_rate", learning_rate, allow_zero=False,
+                                        traced_ok=True)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, traced_ok=True)
     mask = None
     if weight_decay_mask is not None:
         mask = lambda p: select_mask(weight_decay_mask, p, argname="weight_decay_mask",

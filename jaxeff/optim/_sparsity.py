@@ -41,6 +41,7 @@ import optax
 # the schedules live in their own module; re-exported here
 from jaxeff.optim._sparsity_schedules import (constant_sparsity, cubic_sparsity, journey_schedule,
                                               journey_window)
+from jaxeff._checks import check_bool, is_traced
 from jaxeff.select import select_mask
 from jaxeff.state_sharding import register_rule
 
@@ -54,7 +55,8 @@ class SparseState(NamedTuple):
 
     ``masks``: bool arrays shaped like the selected params (a bool scalar ``True`` for the
     others); ``density_sum``/``density_comp``: Kahan sum over steps of the selected density;
-    ``dense``: True after :func:`densify` (no more pruning).
+    ``dense``: True after :func:`densify` (no more pruning); ``n_bad_schedule``: steps whose
+    ``schedule`` value was NaN or outside [0, 1) (those steps do not prune).
     """
 
     count: jax.Array
@@ -63,6 +65,7 @@ class SparseState(NamedTuple):
     density_sum: jax.Array
     density_comp: jax.Array
     dense: jax.Array
+    n_bad_schedule: jax.Array  # int32[]: steps whose schedule value was NaN or outside [0, 1)
 
 
 @register_rule(SparseState)
@@ -72,7 +75,8 @@ def _sparse_shardings(s: SparseState, ctx):
     rep = ctx.replicated
     return s._replace(count=rep(s.count), masks=ctx.walk(s.masks),
                       inner_state=ctx.walk(s.inner_state), density_sum=rep(s.density_sum),
-                      density_comp=rep(s.density_comp), dense=rep(s.dense))
+                      density_comp=rep(s.density_comp), dense=rep(s.dense),
+                      n_bad_schedule=rep(s.n_bad_schedule))
 
 
 # ----------------------------------------------------------------------------- mask selection
@@ -177,6 +181,9 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
       inner: the optimizer (any optax transformation, ExtraArgs supported).
       schedule: ``step -> sparsity`` in [0, 1), non-decreasing (:func:`journey_schedule`,
         :func:`geometric_sparsity`, :func:`cubic_sparsity`, :func:`constant_sparsity`).
+        ``schedule(0)`` is checked at ``init`` (ValueError outside [0, 1) or NaN); a traced
+        value out of range or NaN at a later step prunes nothing that step and is counted in
+        ``state.n_bad_schedule`` (read it after training: non-zero means a broken schedule).
       select: which leaves are prunable (``jaxeff.select`` selector; required).
       score: ``'magnitude'`` (|w|), ``'random'`` (fixed uniform scores from ``key``) or a callable
         ``params -> tree of scores`` (higher = keep).
@@ -200,6 +207,10 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
         raise ValueError("score='random' needs key=jax.random.key(...)")
     if not callable(schedule):
         raise TypeError(f"schedule must be a callable step -> sparsity; got {type(schedule)}")
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation; got {inner!r}")
+    mask_gradients = check_bool("mask_gradients", mask_gradients)
+    static = check_bool("static", static)
     inner = optax.with_extra_args_support(inner)
 
     def selected(params):
@@ -266,12 +277,20 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
 
     def init_fn(params):
         selected(params)                      # raise selector errors outside of jit tracing
+        s0 = schedule(0)                      # concrete unless init runs under jit / eval_shape
+        if jnp.ndim(s0) != 0:
+            raise TypeError(f"schedule(step) must return a scalar sparsity in [0, 1); schedule(0)"
+                            f" returned {s0!r}")
+        v0 = None if is_traced(s0) else float(s0)
+        if v0 is not None and not 0.0 <= v0 < 1.0:
+            raise ValueError(f"schedule(step) must return a sparsity in [0, 1); schedule(0) = "
+                             f"{v0!r}")
         masks = init_masks(params)
         # distinct arrays for every field: a train step that donates its state may not see
         # one buffer twice
         return SparseState(jnp.zeros((), jnp.int32), masks, inner.init(params),
                            jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                           jnp.zeros((), jnp.bool_))
+                           jnp.zeros((), jnp.bool_), jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -290,7 +309,9 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
         tot = state.density_sum + y
         comp = (tot - state.density_sum) - y
         count = state.count + 1
-        s = schedule(count)
+        s = jnp.asarray(schedule(count), jnp.float32)
+        bad = jnp.logical_not((s >= 0.0) & (s < 1.0))        # NaN compares False
+        s = jnp.where(bad, 0.0, s)                              # 0: never prunes (masks only shrink)
         new_params = jax.tree.map(lambda p, d: p + d, params, u)
         if static:
             new_masks = masks
@@ -300,7 +321,8 @@ def prune(inner: optax.GradientTransformation, schedule: Callable, *, select,
                 lambda: compute_masks(new_params, masks, s, sel), lambda: masks)
         u = jax.tree.map(lambda d, p, m: jnp.where(m, d, -p.astype(d.dtype)), u, params,
                          new_masks)
-        return u, SparseState(count, new_masks, inner_state, tot, comp, state.dense)
+        return u, SparseState(count, new_masks, inner_state, tot, comp, state.dense,
+                              state.n_bad_schedule + bad.astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -13,23 +13,21 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff._checks import check_choice, check_fraction, check_int
+
 __all__ = ["constant_sparsity", "geometric_sparsity", "cubic_sparsity", "journey_window",
            "journey_schedule"]
 
 
 def _check_sparsity(s, name="final_sparsity"):
-    if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
-        raise ValueError(f"{name}={s!r}; must be in [0, 1)")
+    return check_fraction(name, s, open_right=True)
 
 
 def _check_window(start_step, end_step, every):
-    for n, v in (("start_step", start_step), ("end_step", end_step), ("every", every)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{n} must be an int; got {type(v).__name__} {v!r}")
-    if start_step < 0 or end_step < start_step:
-        raise ValueError(f"need 0 <= start_step <= end_step; got {start_step}, {end_step}")
-    if every < 1:
-        raise ValueError(f"every={every}; must be >= 1")
+    start_step = check_int("start_step", start_step, 0)
+    if check_int("end_step", end_step) < start_step:
+        raise ValueError(f"end_step must be an int >= start_step={start_step}; got {end_step}")
+    check_int("every", every, 1)
 
 
 def constant_sparsity(sparsity: float) -> Callable:
@@ -103,12 +101,13 @@ def journey_window(final_sparsity: float, total_steps: int, start: float = 0.25,
     not the paper's). Raises ValueError for bad fractions, window, steps or every.
     """
     _check_sparsity(final_sparsity)
-    if not 0.0 <= start <= end <= 1.0:
+    start = check_fraction("start", start)
+    end = check_fraction("end", end)
+    if start > end:
         raise ValueError(f"need 0 <= start <= end <= 1; got start={start}, end={end}")
-    if window not in ("steps", "compute"):
-        raise ValueError(f"window={window!r}; valid: 'steps', 'compute'")
-    if total_steps < 1 or every < 1:
-        raise ValueError(f"total_steps={total_steps} and every={every} must be >= 1")
+    check_choice("window", window, ("steps", "compute"))
+    check_int("total_steps", total_steps, 1)
+    check_int("every", every, 1)
     grid = np.arange(0, total_steps, every)
 
     def snap(frac):

@@ -90,3 +90,20 @@ def test_generate_beta_zero_greedy_equals_greedy_decoding_of_large_base():
 def test_bad_inputs(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda: eft.eft_logprobs(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), beta=float("nan")),
+     ValueError, "beta must be a finite number; got nan"),
+    (lambda: eft.eft_logprobs(jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), beta="1"),
+     TypeError, "beta must be a number or an array"),
+    (lambda: eft.eft_sample(jax.random.key(0), jnp.zeros(3), jnp.zeros(3), jnp.zeros(3),
+                            temperature="1"), TypeError, "temperature .* must be a real number"),
+    (lambda: eft.eft_sample(jax.random.key(0), jnp.zeros(3), jnp.zeros(3), jnp.zeros(3),
+                            temperature=float("nan")), ValueError, "temperature"),
+    (lambda: eft_generate(jax.random.key(0), [lambda x: x] * 3, jnp.zeros((1, 2), jnp.int32),
+                          2.0), TypeError, "max_new_tokens must be an int >= 1; got 2.0"),
+])
+def test_bad_input_types_and_non_finite(call, err, match):
+    with pytest.raises(err, match=match):
+        call()

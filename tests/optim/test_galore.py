@@ -413,3 +413,71 @@ def test_reference_adam_formula_and_errors():
     p = {"w": jnp.ones((4, 3))}
     with pytest.raises(ValueError, match="needs params"):
         tx.update(p, tx.init(p))
+
+
+# ----------------------------------------------------------------------------- issue 15 probes
+
+@pytest.mark.parametrize("kwargs, err, msg", [
+    (dict(scale=float("nan")), ValueError, "scale must be a finite number; got nan"),
+    (dict(scale=-0.25), ValueError, "scale must be a finite number > 0; got -0.25"),
+    (dict(scale=0.0), ValueError, "scale must be a finite number > 0"),
+    (dict(scale="0.25"), TypeError, "scale must be a real number"),
+    (dict(scale=[("w", float("inf"))]), ValueError, "scale rule .*finite number"),
+    (dict(learning_rate=-1e-3), ValueError, "learning_rate must be a finite number >= 0"),
+    (dict(learning_rate=float("nan")), ValueError, "learning_rate must be a finite number"),
+    (dict(learning_rate="1e-3"), TypeError, "learning_rate must be a number"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay must be a finite number"),
+])
+def test_bad_scale_learning_rate_weight_decay(kwargs, err, msg):
+    kw = dict(learning_rate=1e-3, rank=2)
+    kw.update(kwargs)
+    with pytest.raises(err, match=msg):
+        G.galore(**kw)
+
+
+def test_int_params_rejected_at_init_naming_the_leaf():
+    """An int leaf selected for projection gave all-zero updates; now a TypeError by path. (The
+    default selection, ``is_weight_matrix``, takes float leaves only.)"""
+    p = {"wq": jnp.ones((8, 4)), "blocks": {"w": jnp.ones((8, 4), jnp.int32)}}
+    with pytest.raises(TypeError, match="params leaf 'blocks/w' has dtype int32"):
+        G.galore(1e-3, rank=2, select=r"^(wq|blocks/w)$").init(p)
+    G.galore(1e-3, rank=2, select="wq").init(p)   # an int leaf left out is the inner's business
+
+
+def test_transposed_gradient_names_the_leaf_and_both_shapes():
+    tx = G.galore(1e-3, rank=2)
+    p = {"w": jnp.ones((8, 4))}
+    s = tx.init(p)
+    with pytest.raises(ValueError, match=r"leaf 'w' has shape \(4, 8\) and projects its left side, "
+                                         r"but the state's projectors for it \[\(4, 2\)\] project "
+                                         r"the right side; was the gradient transposed"):
+        tx.update({"w": jnp.ones((4, 8))}, s, p)
+    tx = G.galore(1e-3, rank=2, proj_type="left")          # sibling: a resized matrix
+    s = tx.init(p)
+    with pytest.raises(ValueError, match="transposed"):
+        tx.update({"w": jnp.ones((6, 4))}, s, {"w": jnp.ones((6, 4))})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(inner="adam"), "inner must be an optax.GradientTransformation or None"),
+    (dict(projector_dtype=jnp.int32), "projector_dtype must be a floating-point dtype.*int32"),
+    (dict(stagger="no"), "stagger must be True or False"),
+    (dict(sign_align=1), "sign_align must be True or False"),
+])
+def test_bad_inner_dtype_and_flags(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        G.galore(1e-3, rank=2, **kwargs)
+
+
+def test_bad_gap_and_rank_types():
+    with pytest.raises(TypeError, match="update_proj_gap='200' must be a positive int"):
+        G.galore(1e-3, rank=2, update_proj_gap="200")
+    with pytest.raises(ValueError, match="update_proj_gap=inf must be a positive int"):
+        G.galore(1e-3, rank=2, update_proj_gap=float("inf"))
+    with pytest.raises(ValueError, match="update_proj_gap=nan"):
+        G.galore(1e-3, rank=2, update_proj_gap=float("nan"))
+    with pytest.raises(TypeError, match="rank='8'"):
+        G.galore(1e-3, rank="8")
+    with pytest.raises(ValueError, match="rank=nan"):
+        G.galore(1e-3, rank=float("nan"))

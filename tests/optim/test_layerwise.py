@@ -128,6 +128,18 @@ def test_bad_arguments(kw, match):
         layerwise_scale(**kw)
 
 
+@pytest.mark.parametrize("kw, err, match", [     # wrong types / non-finite: one shared check
+    (dict(decay="0.9", num_layers=L), TypeError, "decay must be a real number"),
+    (dict(decay=float("nan"), num_layers=L), ValueError, "decay must be a finite number > 0.0"),
+    (dict(decay=0.9, num_layers=2.0), TypeError, "num_layers must be an int >= 1; got 2.0"),
+    (dict(decay=0.9, num_layers=True), TypeError, "num_layers must be an int"),
+    (dict(slow_scale=float("inf"), slow="a"), ValueError, "slow_scale must be a finite number"),
+])
+def test_bad_argument_types(kw, err, match):
+    with pytest.raises(err, match=match):
+        layerwise_scale(**kw)
+
+
 def test_bad_trees_at_init():
     with pytest.raises(ValueError, match="axis 0 must be the 5 layers"):
         layerwise_scale(0.5, 5).init(stacked_params())

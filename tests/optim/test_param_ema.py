@@ -123,7 +123,9 @@ def test_sharded_8_devices_equals_single_device():
     (dict(decay=-0.5), ValueError, r"\[0, 1\)"),
     (dict(decay=True), TypeError, "decay"),
     (dict(decay="0.9"), TypeError, "decay"),
-    (dict(decay=0.9, dtype=jnp.int32), ValueError, "dtype"),
+    (dict(decay=0.9, dtype=jnp.int32), TypeError, "dtype must be a floating-point dtype.*int32"),
+    (dict(decay=0.9, dtype=None), TypeError, "dtype must be a floating-point dtype; got None"),
+    (dict(decay=0.9, dtype="int8"), TypeError, "dtype must be a floating-point dtype"),
 ])
 def test_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):

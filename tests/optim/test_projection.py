@@ -80,8 +80,12 @@ def test_reproject_moment_is_exact_for_rotations_within_the_subspace():
 def test_bad_refresh_settings():
     with pytest.raises(ValueError, match="refresh='eig'"):
         P.resolve_refresh("eig")
-    with pytest.raises(ValueError, match="n_iter=0"):
+    with pytest.raises(ValueError, match="n_iter must be an int >= 1; got 0"):
         P.Randomized(n_iter=0)
-    with pytest.raises(ValueError, match="oversample=-1"):
+    with pytest.raises(ValueError, match="oversample must be an int >= 0; got -1"):
         P.Randomized(oversample=-1)
+    with pytest.raises(TypeError, match="n_iter must be an int"):
+        P.Randomized(n_iter=2.0)
+    with pytest.raises(TypeError, match="oversample must be an int"):
+        P.Randomized(oversample=True)
     assert P.resolve_refresh("randomized") == P.Randomized()

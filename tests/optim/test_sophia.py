@@ -303,7 +303,8 @@ def test_inject_hyperparams_multisteps_apply_if_finite():
 
 def test_win_rate_helper_weights_by_size():
     st = lambda wr, n: SophiaState(jnp.int32(0), {"a": jnp.zeros(n)}, {"a": jnp.zeros(n)},
-                                   jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(wr))
+                                   jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(wr),
+                                   jnp.int32(0))
     assert float(sophia_win_rate((st(1.0, 3), {"x": st(0.0, 1)}))) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="SophiaState"):
         sophia_win_rate(optax.adam(1e-3).init({"a": jnp.zeros(2)}))
@@ -350,7 +351,6 @@ def test_sharded_8_devices_equals_single_device():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(update_interval=0), "update_interval"),
     (dict(update_interval=-3), "update_interval"),
-    (dict(update_interval=2.5), "update_interval"),
     (dict(rho=0.0), "rho"),
     (dict(rho=-1.0), "rho"),
     (dict(b1=1.0), "b1"),
@@ -366,6 +366,107 @@ def test_bad_hyperparameters(kwargs, name):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=name):
         sophia(**kw)
+
+
+@pytest.mark.parametrize("kwargs, err, msg", [   # the probe's cases and their siblings
+    (dict(learning_rate=float("inf")), ValueError, "learning_rate must be a finite number > 0"),
+    (dict(learning_rate=float("nan")), ValueError, "learning_rate must be a finite number"),
+    (dict(learning_rate="1e-3"), TypeError, "learning_rate must be a number"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay="0.1"), TypeError, "weight_decay must be a real number"),
+    (dict(b1=float("nan")), ValueError, "b1 must be a finite number >= 0.0 and < 1.0"),
+    (dict(b2="0.99"), TypeError, "b2 must be a real number"),
+    (dict(rho=float("inf")), ValueError, "rho must be a finite number > 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be a finite number > 0"),
+    (dict(clip_threshold=float("nan")), ValueError, "clip_threshold must be a number > 0"),
+    (dict(update_interval=2.5), TypeError, "update_interval must be an int >= 1; got 2.5"),
+    (dict(update_interval=True), TypeError, "update_interval must be an int"),
+    (dict(mu_dtype=jnp.int32), TypeError, "mu_dtype must be a floating-point dtype.*int32"),
+    (dict(mu_dtype="bogus"), TypeError, "mu_dtype must be a floating-point dtype"),
+    (dict(seed=0.5), TypeError, "seed must be an int"),
+    (dict(reference_mode="False"), TypeError, "reference_mode must be True or False"),
+    (dict(bias_correction=1), TypeError, "bias_correction must be True or False"),
+])
+def test_bad_hyperparameters_types_and_non_finite(kwargs, err, msg):
+    kw = dict(learning_rate=1e-3, estimator=gnb(softmax_logits))
+    kw.update(kwargs)
+    with pytest.raises(err, match=msg):
+        sophia(**kw)
+
+
+def test_valid_edge_hyperparameters_accepted():
+    sophia(lambda t: 1e-3, gnb(softmax_logits), clip_threshold=float("inf"), weight_decay=0.0,
+           mu_dtype=jnp.bfloat16, b1=0.0)
+    with pytest.raises(ValueError, match="update_interval must be an int >= 1; got 0"):
+        split_refresh(None, None, update_interval=0)
+
+
+def test_int_params_rejected_at_init_with_the_leaf_path():
+    """The probe: Sophia-H on int params died in jvp with a float0 error."""
+    p = {"w": jnp.zeros((D, V)), "table": {"ids": jnp.zeros((3,), jnp.int32)}}
+    for est in (hutchinson(ce_loss), gnb(softmax_logits)):
+        with pytest.raises(TypeError, match="params leaf 'table/ids' has dtype int32"):
+            sophia(1e-3, est).init(p)
+    with pytest.raises(TypeError, match="Hutchinson.*dtype int32"):
+        hutchinson(lambda q, b: jnp.sum(q["w"] ** 2)).estimate(
+            {"w": jnp.zeros(3, jnp.int32)}, batch={}, key=jax.random.PRNGKey(0))
+
+
+def test_gnb_scalar_logits_fn_gives_a_clear_error():
+    """The probe: a scalar-returning logits function gave a NumPy IndexError."""
+    p, b = make_params(), make_batches(1)[0]
+    with pytest.raises(ValueError, match="logits_fn.*must return float logits.*shape \\(\\)"):
+        gnb(ce_loss).estimate(p, batch=b, key=jax.random.PRNGKey(0))
+
+
+class _PoisonedEstimator:
+    """GNB, but the estimate is NaN at w[0, 0] (and inf at b[1]) on the refreshes in ``bad``."""
+    default_rho = 0.04
+
+    def __init__(self, bad):
+        self.inner, self.bad, self.calls = gnb(softmax_logits), bad, 0
+
+    def estimate_leaves(self, merge, xs, **kw):
+        out = self.inner.estimate_leaves(merge, xs, **kw)
+        poison = self.calls in self.bad
+        self.calls += 1
+        if not poison:
+            return out
+        return [e.at[(0,) * e.ndim].set(jnp.nan) if e.ndim == 2 else e.at[1].set(jnp.inf)
+                for e in out]
+
+
+def test_non_finite_hessian_estimate_keeps_the_old_h():
+    """The probe: a NaN only in the Hessian estimate (finite gradients: apply_if_finite cannot
+    see it) made h NaN, then the params. Now those coordinates keep their old h, the rest is
+    refreshed as usual, and ``n_skipped`` counts the refresh. Reference: the same run with a
+    clean estimator."""
+    p0, batches, keys = make_params(), make_batches(4), step_keys(0)
+
+    def run(est):
+        tx = sophia(1e-2, est, update_interval=1)
+        p, s = p0, tx.init(p0)
+        hs = []
+        for t in range(4):   # not jitted: the estimator counts its (eager) calls
+            g = grad_ce(p, batches[t])
+            u, s = tx.update(g, s, p, **sophia_extra_args(True)(p, batches[t], keys[t]))
+            p = optax.apply_updates(p, u)
+            hs.append(s[0].h)
+        return p, s[0], hs
+
+    p_ref, s_ref, h_ref = run(gnb(softmax_logits))
+    p_bad, s_bad, h_bad = run(_PoisonedEstimator(bad={1}))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((p_bad, s_bad)))
+    assert int(s_bad.n_skipped) == 1 and int(s_ref.n_skipped) == 0
+    assert int(s_bad.n_refresh) == int(s_ref.n_refresh) == 4
+    # at the poisoned refresh: the hit coordinates kept h from step 0, the others refreshed
+    assert float(h_bad[1]["w"][0, 0]) == float(h_ref[0]["w"][0, 0])
+    assert float(h_bad[1]["b"][1]) == float(h_ref[0]["b"][1])
+    np.testing.assert_array_equal(np.asarray(h_bad[1]["w"]).ravel()[1:],
+                                  np.asarray(h_ref[1]["w"]).ravel()[1:])
+    # and training goes on: the end point stays near the clean run's
+    for a, b in zip(jax.tree.leaves(p_bad), jax.tree.leaves(p_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05)
 
 
 def test_bad_estimator_and_missing_inputs():

@@ -270,3 +270,59 @@ def test_topk_ties_are_broken_in_row_major_order():
         want = np.zeros(row.size, bool)
         want[np.argsort(-row, kind="stable")[:int(k[g])]] = True
         np.testing.assert_array_equal(got[g].reshape(-1), want)
+
+
+# ----------------------------------------------------------------------------- bad schedules
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan"), 1.0])
+def test_bad_custom_schedule_at_init_raises(bad):
+    tx = prune(optax.sgd(0.1), lambda step: bad, select=SEL)
+    with pytest.raises(ValueError, match=r"schedule\(step\) must return a sparsity in \[0, 1\)"):
+        tx.init(_params())
+    with pytest.raises(TypeError, match="scalar sparsity"):
+        prune(optax.sgd(0.1), lambda step: jnp.zeros(3), select=SEL).init(_params())
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")])
+def test_bad_traced_schedule_value_prunes_nothing_and_is_counted(bad):
+    """A schedule fine at step 0 that later returns 1.5 / -0.5 / NaN: those steps keep the masks
+    (a NaN or 1.5 would otherwise prune everything, -0.5 nothing, silently) and are counted."""
+    sched = lambda step: jnp.where(step >= 3, bad, 0.5)
+    tx = prune(optax.sgd(0.1), sched, select=SEL)
+    p, s, hist = _run(tx, _params(), 5)
+    masks3 = [np.asarray(m) for m in jax.tree.leaves(hist[1][1].masks)]
+    for m, m_end in zip(masks3, jax.tree.leaves(s.masks)):
+        np.testing.assert_array_equal(m, np.asarray(m_end))      # steps 3, 4, 5 pruned nothing
+    assert int(s.n_bad_schedule) == 3
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(p))
+    _, s_ok, _ = _run(prune(optax.sgd(0.1), lambda step: 0.5 + 0 * step, select=SEL), _params(), 2)
+    assert int(s_ok.n_bad_schedule) == 0
+
+
+@pytest.mark.parametrize("fn, err, match", [
+    (lambda: constant_sparsity(float("nan")), ValueError, "sparsity must be a finite number"),
+    (lambda: constant_sparsity(False), TypeError, "sparsity must be a real number"),
+    (lambda: constant_sparsity("0.5"), TypeError, "sparsity must be a real number"),
+    (lambda: geometric_sparsity(0.5, start_step=0.0, end_step=10), TypeError,
+     "start_step must be an int"),
+    (lambda: geometric_sparsity(0.5, start_step=-1, end_step=10), ValueError,
+     "start_step must be an int >= 0; got -1"),
+    (lambda: cubic_sparsity(0.5, start_step=0, end_step=10, every=0), ValueError,
+     "every must be an int >= 1; got 0"),
+    (lambda: journey_window(0.5, 100.5), TypeError, "total_steps must be an int"),
+    (lambda: journey_window(0.5, 100, start="0.1"), TypeError, "start must be a real number"),
+    (lambda: journey_window(0.5, 100, start=0.8, end=0.2), ValueError, "start <= end"),
+    (lambda: journey_window(0.5, 100, end=float("nan")), ValueError, "end must be a finite"),
+])
+def test_bad_schedule_arguments_types_and_ranges(fn, err, match):
+    with pytest.raises(err, match=match):
+        fn()
+
+
+def test_bad_inner_and_flags():
+    with pytest.raises(TypeError, match="inner must be an optax.GradientTransformation"):
+        prune(None, constant_sparsity(0.5), select=SEL)
+    with pytest.raises(TypeError, match="static must be True or False; got 1"):
+        prune(optax.sgd(0.1), constant_sparsity(0.5), select=SEL, static=1)
+    with pytest.raises(TypeError, match="mask_gradients must be True or False"):
+        prune(optax.sgd(0.1), constant_sparsity(0.5), select=SEL, mask_gradients="yes")
