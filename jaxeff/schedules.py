@@ -104,7 +104,8 @@ def _progress(step, begin, length):
 
 
 def _step(count):
-    return jnp.asarray(count, jnp.float32)
+    """The step as float32, clamped at 0: before step 0 every schedule gives its step-0 value."""
+    return jnp.maximum(jnp.asarray(count, jnp.float32), 0.0)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -193,7 +194,8 @@ def power(peak: float, batch_size: int, tokens_per_step: int, warmup: int = 0,
     Raises:
       ValueError / TypeError naming the argument for non-positive ``peak``, ``batch_size``,
       ``tokens_per_step``, ``a``, non-negative ``b``, negative ``warmup``, a fraction outside
-      [0, 1], warmup longer than T - D, an unknown ``decay`` shape, ``final`` outside [0, peak].
+      [0, 1], warmup longer than T - D, an unknown ``decay`` shape, ``final`` outside [0, peak]
+        or above the power-law value at T - D (the decay would rise).
     """
     peak = _number("peak", peak, min_value=0.0, strict_min=True)
     beta = _number("batch_size", batch_size, min_value=0, strict_min=True, integer=True)
@@ -219,6 +221,11 @@ def power(peak: float, batch_size: int, tokens_per_step: int, warmup: int = 0,
     def eta_pow(s):
         tokens = jnp.maximum(s * float(tps), 1.0)
         return jnp.minimum(peak, beta * a * tokens ** b)
+
+    if stable_end is not None and final > float(eta_pow(float(stable_end))):
+        raise ValueError(f"final={final!r} is above the power-law value where the final decay "
+                         f"starts (step {stable_end}: {float(eta_pow(float(stable_end))):.6g}), so "
+                         "the 'decay' would rise; use a final at or below it")
 
     def schedule(count):
         s = _step(count)

@@ -176,3 +176,21 @@ def test_non_finite_and_wrong_types(fn, kwargs, err, match):
 
 def test_whole_float_steps_still_accepted():
     assert float(S.wsd(1e-3, 100.0, 5.0)(5)) == pytest.approx(1e-3)
+
+
+def test_negative_steps_give_the_step_zero_value_without_warmup():
+    """Found by tests/property: with warmup=0 a step before 0 gave 0 (wsd) or prev_final (rewarm)
+    instead of the step-0 value the module docstring promises."""
+    assert float(S.wsd(1.0, 10, 0)(-1)) == float(S.wsd(1.0, 10, 0)(0)) == 1.0
+    assert float(S.rewarm(0.5, 1.0, 10, 0)(-1)) == 1.0
+    assert float(S.wsd(1.0, 10, 4)(-3)) == 0.0          # with warmup, step 0 is 0
+
+
+def test_power_rejects_a_final_above_the_decay_start():
+    """Found by tests/property: final=0.9 above the power-law value at the decay start (0.108)
+    made the 'decay' rise to 0.9."""
+    with pytest.raises(ValueError, match=r"final=0.9 is above the power-law value"):
+        S.power(1.0, 8, 1024, 0, 100, final=0.9)
+    ok = S.power(1.0, 8, 1024, 0, 100, final=0.01)
+    vals = [float(ok(s)) for s in range(85, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:])) and vals[-1] == pytest.approx(0.01)
