@@ -40,7 +40,7 @@ averaging and elastic sub-networks.
   ``is_structured``, ``map_matrices``, ``materialize``, ``MatrixLayout``, ``normal``,
   ``partition``, ``structured_rule``, ``StructuredWeight``, ``trainable_mask``, ``uniform``.
 * function-preserving width growth (Net2Net / bert2BERT): ``GrowthWarning``,
-  ``insert_identity_layers``, ``ROLES``, ``widen``.
+  ``insert_identity_layers``, ``ROLES``, ``widen``, ``dim_axes``, ``explicit_units``.
 """
 from jaxeff.params._accounting import param_report, ParamReport, tree_bytes, tree_size
 from jaxeff.params._averaging import (check_decay, ema_update, greedy_soup, GreedySoup,
@@ -79,7 +79,8 @@ from jaxeff.params._sltrain import SLTrain, sltrain, sltrain_preset, SLTRAIN_PRE
 from jaxeff.params._structured import (array_fields, combine, is_structured, map_matrices,
                                        materialize, MatrixLayout, normal, partition,
                                        structured_rule, StructuredWeight, trainable_mask, uniform)
-from jaxeff.params._widen import GrowthWarning, insert_identity_layers, ROLES, widen
+from jaxeff.params._widen import (dim_axes, explicit_units, GrowthWarning, insert_identity_layers,
+                                  ROLES, widen)
 
 __all__ = [
     "param_report", "ParamReport", "tree_bytes", "tree_size", "check_decay", "ema_update",
@@ -106,5 +107,6 @@ __all__ = [
     "VALID_BITS", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS", "SLTrainWeight",
     "array_fields", "combine", "is_structured", "map_matrices", "materialize", "MatrixLayout",
     "normal", "partition", "structured_rule", "StructuredWeight",
-    "trainable_mask", "uniform", "GrowthWarning", "insert_identity_layers", "ROLES", "widen",
+    "trainable_mask", "uniform", "dim_axes", "explicit_units", "GrowthWarning",
+    "insert_identity_layers", "ROLES", "widen",
 ]

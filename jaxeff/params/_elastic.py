@@ -39,7 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import jax
 
 from jaxeff.params._layers import gather_layers, layer_count
-from jaxeff.params._widen import ROLES
+from jaxeff.params._widen import dim_axes, explicit_units  # one spec format (widen)
 from jaxeff.select import flatten_with_paths, select_mask
 
 __all__ = ["ElasticSize", "spec_units", "resolve_size", "extract_subnetwork", "elastic_loss"]
@@ -56,32 +56,14 @@ class ElasticSize(NamedTuple):
 
 # ----------------------------------------------------------------------------- spec
 def _parse_spec(spec) -> dict:
+    """``{dim: (units, [(regex, axis, groups)])}`` through widen's parser (one spec format)."""
     if not isinstance(spec, Mapping):
         raise TypeError(f"spec must be a dict {{dim: axes}}; got {type(spec).__name__}")
+    units_now = explicit_units(spec)
     out = {}
-    for dim, d in spec.items():
-        units, axes = (d.get("units"), d.get("axes")) if isinstance(d, Mapping) else (None, d)
-        if not isinstance(axes, (list, tuple)) or not axes:
-            raise ValueError(f"spec[{dim!r}] needs a non-empty list of (regex, axis, role[, "
-                             f"groups]); got {axes!r}")
-        parsed = []
-        for a in axes:
-            if not isinstance(a, (list, tuple)) or len(a) not in (3, 4):
-                raise ValueError(f"spec[{dim!r}] entries are (regex, axis, role[, groups]); "
-                                 f"got {a!r}")
-            rx, axis, role = a[:3]
-            groups = a[3] if len(a) == 4 else 1
-            if role not in ROLES:
-                raise ValueError(f"spec[{dim!r}]: role must be one of {ROLES}; got {role!r}")
-            if not isinstance(axis, int) or isinstance(axis, bool) or not isinstance(groups, int) \
-                    or groups < 1:
-                raise ValueError(f"spec[{dim!r}]: axis must be an int and groups an int >= 1; "
-                                 f"got axis={axis!r}, groups={groups!r}")
-            parsed.append((rx, axis, groups))
-        if units is not None and (not isinstance(units, int) or units < 1):
-            raise ValueError(f"spec[{dim!r}]['units'] must be a positive int or None; got "
-                             f"{units!r}")
-        out[dim] = (units, parsed)
+    for dim in spec:
+        units, axes = dim_axes(spec, dim, units_now)
+        out[dim] = (units, [(rx, axis, groups) for rx, axis, _, groups in axes])
     return out
 
 

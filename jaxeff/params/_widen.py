@@ -67,7 +67,7 @@ import numpy as np
 from jaxeff.params._layers import _layout_of, _locate, _parts, _set, gather_layers, stacked_layers
 from jaxeff.select import flatten_with_paths, select_mask
 
-__all__ = ["widen", "insert_identity_layers", "GrowthWarning", "ROLES"]
+__all__ = ["widen", "insert_identity_layers", "GrowthWarning", "ROLES", "dim_axes", "explicit_units"]
 
 ROLES = ("out", "in", "norm", "tied")
 
@@ -76,12 +76,18 @@ class GrowthWarning(UserWarning):
     """A growth step that is only approximately function-preserving."""
 
 
-def _explicit_units(spec):
+def explicit_units(spec) -> dict:
+    """``{dim: units}`` for the spec dimensions that give ``'units'`` explicitly."""
     return {k: v["units"] for k, v in spec.items()
             if isinstance(v, Mapping) and v.get("units") is not None}
 
 
-def _dim_axes(spec, dim, units_now):
+def dim_axes(spec, dim, units_now):
+    """Parse ``spec[dim]`` of the spec format shared by :func:`widen` and
+    ``jaxeff.params.extract_subnetwork``: a list of ``(regex, axis, role[, groups])`` or
+    ``{'units': n, 'axes': [...]}``; ``groups`` may name a dimension with explicit units
+    (``units_now``). Returns ``(units, [(regex, axis, role, groups)])``; raises ValueError naming
+    ``spec[dim]`` for anything else."""
     d = spec[dim]
     if isinstance(d, Mapping):
         units, axes = units_now.get(dim, d.get("units")), d.get("axes")
@@ -104,7 +110,8 @@ def _dim_axes(spec, dim, units_now):
                 raise ValueError(f"spec[{dim!r}]: groups={groups!r} must name a dimension with "
                                  f"explicit 'units' (have {sorted(units_now)})")
             groups = units_now[groups]
-        if not isinstance(axis, int) or not isinstance(groups, int) or groups < 1:
+        if not isinstance(axis, int) or isinstance(axis, bool) or not isinstance(groups, int) \
+                or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"spec[{dim!r}]: axis must be an int and groups an int >= 1 or a "
                              f"dimension name; got axis={axis!r}, groups={groups!r}")
         out.append((rx, axis, role, groups))
@@ -235,12 +242,12 @@ def widen(params, spec, sizes, *, mapping="cyclic", key: Optional[jax.Array] = N
         per_layer = not _is_stacked_node(_locate(params, layers))
         params = _set(params, _parts(layers), stacked)
     mappings = {}
-    units_now = _explicit_units(spec)   # head counts change as dimensions grow
+    units_now = explicit_units(spec)   # head counts change as dimensions grow
     for dim, n_new in sizes.items():
         if dim not in spec:
             raise ValueError(f"sizes names dimension {dim!r}, which spec lacks; spec has "
                              f"{list(spec)}")
-        units, axes = _dim_axes(spec, dim, units_now)
+        units, axes = dim_axes(spec, dim, units_now)
         flat, treedef = flatten_with_paths(params)
         plan = {}
         for rx, axis, role, groups in axes:
