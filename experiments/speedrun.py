@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -98,6 +99,7 @@ class SpeedrunContext:
     quick: bool = False
     mesh: Any = None
     progress: bool = True
+    prepacker: Any = None     # an experiments.prepacked.Prepacker: batches pre-packed in parallel
 
     def __post_init__(self):
         self.tokenizer = jdata.ByteTokenizer()
@@ -113,18 +115,42 @@ class SpeedrunContext:
         return self.batch_size * self.seq_len
 
     def train_data(self, corpus=None, seed: Optional[int] = None, max_epochs: float = 1.0,
-                   **kw):
+                   prepacked: bool = True, **kw):
         """An iterator of training batches (Grain; checkpointable) that counts the epochs it
         has served (``it.counter.epochs``) and warns (``RepeatedDataWarning``) once it repeats
-        ``corpus`` (default: the training split) more than ``max_epochs`` times."""
+        ``corpus`` (default: the training split) more than ``max_epochs`` times.
+
+        With a ``prepacker`` (GPU studies) and ``prepacked`` (default True) the run's
+        ``self.steps`` batches are pre-packed in parallel worker processes
+        (:mod:`experiments.prepacked`; the same batches for every recipe with this corpus and
+        seed) and the iterator is not checkpointable; ``prepacked=False`` keeps the live
+        pipeline (e.g. to measure its throughput)."""
         corpus = self.train_corpus if corpus is None else corpus
-        ds = jdata.make_lm_dataset(corpus, self.tokenizer, self.seq_len, self.batch_size,
-                                   seed=self.seed if seed is None else seed, **kw)
+        seed = self.seed if seed is None else seed
+        if self.prepacker is not None and prepacked:
+            it = self.prepacker.batches(*self._stream(corpus, seed, kw), self.steps)
+        else:
+            it = iter(jdata.make_lm_dataset(corpus, self.tokenizer, self.seq_len,
+                                            self.batch_size, seed=seed, **kw))
         unique = (self.unique_tokens if corpus is self.train_corpus
                   else epochs.unique_target_tokens(corpus, self.tokenizer))
         what = f"speedrun data ({getattr(corpus, 'name', 'custom corpus')})"
-        return epochs.CountingIterator(iter(ds), epochs.EpochCounter(unique),
+        return epochs.CountingIterator(it, epochs.EpochCounter(unique),
                                        max_epochs=max_epochs, what=what)
+
+    def _stream(self, corpus, seed: int, kw: dict):
+        """``(key, factory)`` of a pre-packed training stream (:mod:`experiments.prepacked`)."""
+        key = ("lm", getattr(corpus, "name", None), len(corpus), seed, self.seq_len,
+               self.batch_size, tuple(sorted(kw.items())))
+        return key, functools.partial(_lm_stream, corpus, self.tokenizer, self.seq_len,
+                                      self.batch_size, seed, kw)
+
+    def prefetch_data(self, seed: int, steps: Optional[int] = None):
+        """Start pre-packing the default training stream of ``seed`` (``steps`` batches,
+        default ``self.steps``) in the background; a no-op without a ``prepacker``."""
+        if self.prepacker is not None:
+            self.prepacker.prefetch(*self._stream(self.train_corpus, seed, {}),
+                                    steps or self.steps)
 
     def eval_batches(self):
         """The fixed validation batches (every 4th validation document, in order)."""
@@ -206,6 +232,14 @@ class SpeedrunContext:
         return RecipeResult(history=res["history"], wall_s=res["wall_s"],
                             steps_per_s=res["steps_per_s"], param_bytes=res["param_bytes"],
                             opt_state_bytes=res["opt_state_bytes"], extra=extra)
+
+
+def _lm_stream(corpus, tokenizer, seq_len, batch_size, seed, kw, shard, n_local):
+    """A pre-packing worker's stream (:mod:`experiments.prepacked`): shard ``shard`` of the
+    training pipeline (``n_local`` is not needed: the stream does not depend on its length)."""
+    del n_local
+    return jdata.make_lm_dataset(corpus, tokenizer, seq_len, batch_size, seed=seed, shard=shard,
+                                 **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from typing import Optional
 import numpy as np
 
 from experiments import speedrun
+from experiments.recipes import meco as meco_recipe
 from jaxeff.models import llama
 
 RECIPES = ("baseline", "sophia", "galore", "galore-8bit", "sltrain", "gstack", "meco", "select",
@@ -98,6 +99,7 @@ class Setting:
     sweep_recipes: Optional[tuple]   # None: every recipe
     corpus: str            # 'stdlib' or 'site-packages'
     note: str = ""
+    data_workers: int = 0  # > 0: pre-pack batches in that many processes (experiments.prepacked)
 
 
 SETTINGS = {
@@ -113,9 +115,11 @@ SETTINGS = {
                    steps={"tiny": 1000, "small": 1000}, eval_every=100, eval_batches=16,
                    seeds=3, sweep_steps=200, sweep_mults=(0.5, 1.0, 2.0),
                    sweep_recipes=None, corpus="site-packages",
-                   note="one H200, target 9 min; not run yet. Does not fit as is: its 2.7B "
-                        "training tokens need ~70 min of the single-thread Grain pipeline "
-                        "(0.64M tokens/s); it needs parallel (mp_prefetch) or pre-packed data"),
+                   note="one H200 (16 host cores), target 9 min; not run yet. Its ~2.6B "
+                        "training tokens would need ~70 min of the single-thread Grain "
+                        "pipeline (0.64M tokens/s), so batches are pre-packed in 14 worker "
+                        "processes, each seed's streams while the previous seed trains",
+                   data_workers=14),
     # the smoke: the CPU run's model and batch (so its timings calibrate --plan), 30 steps,
     # 2 seeds, the sweep for the baseline only
     "smoke": Setting(models=("tiny",), batch_size=8, seq_len=64, steps={"tiny": 30},
@@ -130,7 +134,8 @@ def _log(msg):
     print(msg, flush=True)
 
 
-def make_context(setting: Setting, model: str, out_dir: str) -> speedrun.SpeedrunContext:
+def make_context(setting: Setting, model: str, out_dir: str,
+                 prepacker=None) -> speedrun.SpeedrunContext:
     cfg = llama.PRESETS[model]
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, setting.seq_len))
     bs = setting.batch_size or GPU_BATCH[model]
@@ -138,7 +143,7 @@ def make_context(setting: Setting, model: str, out_dir: str) -> speedrun.Speedru
                                    seq_len=setting.seq_len, peak_lr=3e-3,
                                    eval_every=setting.eval_every,
                                    eval_batches_n=setting.eval_batches, out_dir=out_dir,
-                                   progress=False)
+                                   progress=False, prepacker=prepacker)
     if setting.corpus == "site-packages":
         from jaxeff import data as jdata
         from jaxeff.data import _epochs as epochs
@@ -297,6 +302,9 @@ def main(argv=None) -> dict:
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--seeds", type=int, default=None, help="override the setting's seed count")
     p.add_argument("--steps", type=int, default=None, help="override the long-run steps")
+    p.add_argument("--data-workers", type=int, default=None,
+                   help="pre-pack training batches in N worker processes (experiments.prepacked;"
+                        " default: the setting's, 14 on the GPU, 0 = the live pipeline on CPU)")
     p.add_argument("--out", default=None)
     p.add_argument("--results", default=RESULTS, help="where the json/png go")
     p.add_argument("--compile-cache", default=os.path.join("runs", ".jax_cache"),
@@ -311,6 +319,10 @@ def main(argv=None) -> dict:
         setting = dataclasses.replace(
             setting, seeds=args.seeds or setting.seeds,
             steps={m: args.steps or s for m, s in setting.steps.items()})
+    if args.data_workers is not None:
+        if args.data_workers < 0:
+            raise SystemExit(f"--data-workers must be >= 0; got {args.data_workers}")
+        setting = dataclasses.replace(setting, data_workers=args.data_workers)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     bad = [r for r in recipes if r not in RECIPES]
     if bad or "baseline" not in recipes:
@@ -347,8 +359,15 @@ def main(argv=None) -> dict:
     loadavg = [list(os.getloadavg())]
     by_model, timings = {}, {}
     chosen_mult = {}
+    prepacker = None
+    if setting.data_workers:
+        from experiments.prepacked import Prepacker
+        prepacker = Prepacker(min(setting.data_workers, max(1, (os.cpu_count() or 2) - 2)))
+        _log(f"pre-packing training batches with {prepacker.max_workers} worker processes")
     for model in setting.models:
-        ctx = make_context(setting, model, out)
+        if prepacker is not None:
+            prepacker.clear()           # the previous model's streams
+        ctx = make_context(setting, model, out, prepacker)
         n_params = llama.param_count(ctx.init_params())
         _log(f"== {model}: {n_params:,} params, {ctx.batch_size}x{ctx.seq_len} tokens/step, "
              f"{setting.steps[model]} steps = "
@@ -376,6 +395,12 @@ def main(argv=None) -> dict:
         seeds = list(range(setting.seeds))
         for sd in seeds:
             long[sd] = {}
+            ctx.steps = setting.steps[model]
+            for s_ahead in (sd, sd + 1):       # this seed's and the next seed's streams
+                if s_ahead in seeds:
+                    ctx.prefetch_data(s_ahead)
+                    if "meco" in recipes:
+                        meco_recipe.prefetch(ctx, s_ahead)
             for r in recipes:
                 res, err, dt = _run_one(ctx, setting, r, setting.steps[model], chosen_mult[r], sd,
                                         os.path.join(out, model, "long", r, f"seed{sd}"))
@@ -434,11 +459,14 @@ def main(argv=None) -> dict:
         "setting": dataclasses.asdict(setting), "machine": speedrun.machine_info(),
         "interval": "two-sided 95% Student-t over seeds; targets paired per seed",
         "equal_margin": EQUAL_MARGIN, "total_wall_s": total, "estimate_s": est,
-        "timing": timings, "loadavg": loadavg + [list(os.getloadavg())],
+        "timing": timings,
+        "data_wait_s": None if prepacker is None else prepacker.seconds, "loadavg": loadavg + [list(os.getloadavg())],
         "models": by_model, "out_dir": out,
     }
     with open(base + ".json", "w") as f:
         json.dump(summary, f, indent=1, default=str)
+    if prepacker is not None:
+        prepacker.close()
     plot_study(by_model, base + ".png")
     _log(f"wrote {base}.json and .png in {total / 60:.1f} min")
     if any(d["errors"] for d in by_model.values()):

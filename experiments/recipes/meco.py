@@ -16,6 +16,7 @@ baseline. Extra numbers:
 """
 
 import collections
+import functools
 import time
 
 from experiments.speedrun import Recipe
@@ -27,10 +28,32 @@ COOLDOWN = 0.1
 WRONG = ("tkinter.ttk", "email.message")
 
 
-def _meco_data(ctx, seed=None):
+def _meco_stream(corpus, tokenizer, seq_len, batch_size, seed, shard, n_local):
+    """One pre-packing worker's shard (``experiments.prepacked``): the cooldown switch sits at
+    the same fraction of the worker's ``n_local`` batches, hence at the same global step."""
+    return make_meco_dataset(corpus, tokenizer, seq_len, batch_size, total_steps=n_local,
+                             cooldown_fraction=COOLDOWN, field="module", seed=seed, shard=shard)
+
+
+def _prepacked_stream(ctx, seed):
+    factory = functools.partial(_meco_stream, ctx.train_corpus, ctx.tokenizer, ctx.seq_len,
+                                ctx.batch_size, seed)
+    return ("meco", len(ctx.train_corpus), seed, ctx.seq_len, ctx.batch_size, ctx.steps), factory
+
+
+def prefetch(ctx, seed):
+    """Start pre-packing this recipe's stream for ``seed`` (a no-op without a prepacker)."""
+    if ctx.prepacker is not None:
+        ctx.prepacker.prefetch(*_prepacked_stream(ctx, seed), ctx.steps)
+
+
+def _meco_data(ctx, seed=None, live=False):
+    seed = ctx.seed if seed is None else seed
+    if ctx.prepacker is not None and not live:
+        return ctx.prepacker.batches(*_prepacked_stream(ctx, seed), ctx.steps)
     return make_meco_dataset(ctx.train_corpus, ctx.tokenizer, ctx.seq_len, ctx.batch_size,
                              total_steps=ctx.steps, cooldown_fraction=COOLDOWN, field="module",
-                             seed=ctx.seed if seed is None else seed)
+                             seed=seed)
 
 
 def _rate(it, num_batches):
@@ -45,8 +68,9 @@ def _rate(it, num_batches):
 def pipeline_throughput(ctx, num_batches: int = 60) -> dict:
     """Tokens/s of the MeCo data pipeline alone (no model) after its first batch, and of the
     plain pipeline (``ctx.train_data``) measured the same way in the same process."""
-    meco, first_s, batches = _rate(iter(_meco_data(ctx, seed=ctx.seed + 17)), num_batches)
-    plain, _, _ = _rate(ctx.train_data(seed=ctx.seed + 17), num_batches)
+    meco, first_s, batches = _rate(iter(_meco_data(ctx, seed=ctx.seed + 17, live=True)),
+                                   num_batches)
+    plain, _, _ = _rate(ctx.train_data(seed=ctx.seed + 17, prepacked=False), num_batches)
     return {"pipeline_tokens_per_s": meco, "pipeline_first_batch_s": first_s,
             "pipeline_fill_rate": fill_rate(batches), "pipeline_plain_tokens_per_s": plain}
 
