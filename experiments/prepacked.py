@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 from typing import Callable, Optional
 
 import numpy as np
@@ -49,6 +50,11 @@ def _compact(key: str, x: np.ndarray) -> np.ndarray:
         return x
     y = x.astype(dt)
     return y if np.array_equal(y.astype(x.dtype), x) else x
+
+
+def _worker_init():
+    # workers only run numpy and Grain: keep a JAX import in them off the accelerator
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def produce_shard(factory: Callable, shard: tuple, n_local: int) -> dict:
@@ -97,7 +103,8 @@ class Prepacker:
     def _executor(self):
         if self._pool is None:   # spawn: the parent has JAX's threads running; fork is unsafe
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                self.max_workers, mp_context=multiprocessing.get_context("spawn"))
+                self.max_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init)
         return self._pool
 
     def _usable(self, key, n: int):
