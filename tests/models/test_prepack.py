@@ -87,3 +87,23 @@ def test_prepack_errors_name_the_argument(params):
         generate(params, CFG, PROMPTS, 2, prepack=1)
     with pytest.raises(ValueError, match=r"row_len=5 is shorter than prompts\[4\] \(9 tokens\)"):
         generate(params, CFG, PROMPTS, 2, prepack=True, row_len=5)
+
+
+def test_packed_prefill_through_the_pallas_attention_kernel():
+    """The GPU path: the packed rows attend through the Pallas kernel (interpret mode here)."""
+    cfg = llama.LlamaConfig(vocab_size=50, d_model=128, n_layers=1, n_heads=2, n_kv_heads=1,
+                            d_ff=128, max_seq_len=16)
+    p = llama.init_params(jax.random.key(2), cfg)
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]]
+    tokens, real = _left_pad(prompts)
+    want_logits, want = prefill(p, cfg, tokens, real, 6)
+    packed = jax.tree.map(jnp.asarray, pack_prompts(prompts, 8))
+    jaxpr = str(jax.make_jaxpr(
+        lambda p: prefill_packed(p, cfg.replace(impl="pallas", interpret=True), packed, 6))(p))
+    assert "jaxeff_attention_fwd" in jaxpr
+    logits, cache = jax.jit(lambda p: prefill_packed(
+        p, cfg.replace(impl="pallas", interpret=True), packed, 6))(p)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-4)
+    valid = np.asarray(want.valid_BxS)[None, :, :, None, None]
+    np.testing.assert_allclose(np.where(valid, cache.k_NxBxSxGxK, 0),
+                               np.where(valid, want.k_NxBxSxGxK, 0), rtol=1e-4, atol=1e-4)
