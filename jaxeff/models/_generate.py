@@ -15,6 +15,10 @@ one token's forward instead of the whole prefix's. Row ``b``'s slot ``s`` holds 
 with key ``fold_in(key, step)``. Rows that emitted ``eos_id`` keep emitting it; the loop stops
 when every row has (a ``lax.while_loop``), so a short answer costs a short loop.
 
+``generate(..., prepack=True)`` prefills instead through :func:`prefill_packed`: the prompts
+bin-packed into a few rows (``jaxeff.data.pack_prompts``; "Prepacking", Zhao et al., 2024), their
+keys and values gathered into the same cache, so decoding is unchanged.
+
 :func:`generate_eft` runs three models (large base, small fine-tuned, small base) in lock step,
 each with its own cache, and samples from their EFT combination (``jaxeff.losses.eft_logprobs``).
 
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff import kernels
-from jaxeff._checks import check_bool, check_float, check_int
+from jaxeff._checks import check_bool, check_float, check_int, is_traced
 from jaxeff.models import llama
 
 if TYPE_CHECKING:
@@ -136,7 +140,14 @@ def prefill_packed(params, cfg: llama.LlamaConfig, packed: PackedPrompts, slots:
     prompts (equal to float tolerance: the packed pass attends with ``jaxeff.kernels.attention``
     over its row, the padded one over the cache). The prefill costs ``R * L`` token-forwards
     instead of ``B * P``. Returns ``(logits [B, V] float32, cache of `slots` slots)``.
+
+    Raises ValueError for ``slots`` not an int >= the longest prompt (checked where the lengths
+    are concrete, i.e. outside ``jit``).
     """
+    slots = check_int("slots", slots, 1)
+    if not is_traced(packed.length_B) and slots < int(np.max(packed.length_B)):
+        raise ValueError(f"slots={slots} is fewer than the longest prompt "
+                         f"({int(np.max(packed.length_B))} tokens)")
     tokens_RxL = jnp.asarray(packed.tokens_RxL, jnp.int32)
     segments_RxL = jnp.asarray(packed.segment_ids_RxL, jnp.int32)
     positions_RxL = jnp.asarray(packed.positions_RxL, jnp.int32)

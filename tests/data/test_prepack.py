@@ -34,7 +34,8 @@ def test_first_fit_decreasing_by_hand():
     assert p.tokens_RxL.tolist() == [[21, 22, 23, 24, 25, 26, 27, 51],
                                      [1, 2, 3, 4, 5, 11, 12, 13],
                                      [41, 42, 43, 44, 31, 32, 99, 99]]
-    assert p.segment_ids_RxL.tolist() == [[1] * 7 + [2], [1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2]
+    assert p.segment_ids_RxL.tolist() == [[1] * 7 + [2], [1] * 5 + [2] * 3,
+                                          [1] * 4 + [2] * 2 + [0] * 2]
     assert p.positions_RxL.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 3, 4, 0, 1, 2],
                                         [0, 1, 2, 3, 0, 1, 0, 0]]
     assert p.tokens_RxL.dtype == p.row_B.dtype == np.int32

@@ -87,6 +87,8 @@ def test_prepack_errors_name_the_argument(params):
         generate(params, CFG, PROMPTS, 2, prepack=1)
     with pytest.raises(ValueError, match=r"row_len=5 is shorter than prompts\[4\] \(9 tokens\)"):
         generate(params, CFG, PROMPTS, 2, prepack=True, row_len=5)
+    with pytest.raises(ValueError, match="slots=4 is fewer than the longest prompt"):
+        prefill_packed(params, CFG, pack_prompts(PROMPTS), 4)
 
 
 def test_packed_prefill_through_the_pallas_attention_kernel():
