@@ -33,6 +33,8 @@ Example::
 * the Grain pipeline from documents to packed LM batches: ``BATCH_KEYS``, ``EncodeDocument``,
   ``fill_rate``, ``LONG_DOCS``, ``make_eval_batches``, ``make_lm_dataset``, ``pack_lm``,
   ``PACKINGS``.
+* prepacking prompts for one prefill pass (Zhao et al. 2024): ``pack_prompts``,
+  ``PackedPrompts``, ``PROMPT_PACKINGS``.
 * data selection: ``apply_selection``, ``cached_scores``, ``hashed_ngram_features``, ``LogReg``,
   ``logreg_scores``, ``loss_scores``, ``moment_matching_scores``, ``predictive_strength``,
   ``preselect_labels``, ``select_top``, ``Selection``, ``train_logreg``.
@@ -64,6 +66,7 @@ from jaxeff.data._objectives import (BYTE_UL2_MODE_IDS, BYTE_UL2_SENTINELS, deco
                                      span_reconstruct, ul2_denoisers, ul2_example, UL2Transform)
 from jaxeff.data._pipeline import (BATCH_KEYS, EncodeDocument, fill_rate, LONG_DOCS,
                                    make_eval_batches, make_lm_dataset, pack_lm, PACKINGS)
+from jaxeff.data._prepack import pack_prompts, PackedPrompts, PROMPT_PACKINGS
 from jaxeff.data._selection import (apply_selection, cached_scores, hashed_ngram_features, LogReg,
                                     logreg_scores, loss_scores, moment_matching_scores,
                                     predictive_strength, preselect_labels, select_top, Selection,
@@ -90,7 +93,8 @@ __all__ = [
     "mlm_mask", "MLMTransform", "prefix_lm_split", "random_spans_noise_mask", "span_corrupt",
     "span_reconstruct", "ul2_denoisers", "ul2_example", "UL2Transform", "BATCH_KEYS",
     "EncodeDocument", "fill_rate", "LONG_DOCS", "make_eval_batches", "make_lm_dataset",
-    "pack_lm", "PACKINGS", "apply_selection", "cached_scores", "hashed_ngram_features",
+    "pack_lm", "PACKINGS", "pack_prompts", "PackedPrompts", "PROMPT_PACKINGS",
+    "apply_selection", "cached_scores", "hashed_ngram_features",
     "LogReg", "logreg_scores", "loss_scores", "moment_matching_scores", "predictive_strength",
     "preselect_labels", "select_top", "Selection", "train_logreg", "BPETokenizer",
     "BYTE_BOS_ID", "BYTE_EOS_ID", "BYTE_PAD_ID", "BYTE_VOCAB_SIZE", "ByteTokenizer",

@@ -10,7 +10,8 @@ is model-agnostic and never imports this package).
   ``load_safetensors``, ``save_safetensors``, ``config_from_hf``, ``hf_config``, ``permute_qk``,
   ``unpermute_qk``.
 * decoding with a KV cache: ``generate``, ``generate_eft`` (EFT up-scaling), ``sample_token``,
-  ``prefill``, ``decode_step``, ``init_cache``, ``KVCache``.
+  ``prefill``, ``prefill_packed`` (prepacking: prompts bin-packed by
+  ``jaxeff.data.pack_prompts``), ``decode_step``, ``init_cache``, ``KVCache``.
 * tokenizers of real models: ``HFTokenizer``, ``ChatML``, ``gguf_tokenizer``, ``json_tokenizer``.
 """
 from jaxeff.models import bert, llama
@@ -18,7 +19,7 @@ from jaxeff.models._checkpoints import (config_from_hf, hf_config, load_safetens
                                         save_safetensors)
 from jaxeff.models._gguf import gguf_config, load_gguf, permute_qk, unpermute_qk
 from jaxeff.models._generate import (KVCache, decode_step, generate, generate_eft, init_cache,
-                                     prefill, sample_token)
+                                     prefill, prefill_packed, sample_token)
 from jaxeff.models._pretrained import PRETRAINED, Pretrained, pretrained, pretrained_path
 from jaxeff.models._tokenizers import ChatML, HFTokenizer, gguf_tokenizer, json_tokenizer
 
@@ -26,4 +27,4 @@ __all__ = ["llama", "bert", "config_from_hf", "gguf_config", "hf_config", "load_
            "load_safetensors", "permute_qk", "save_safetensors", "unpermute_qk", "PRETRAINED",
            "Pretrained", "pretrained", "pretrained_path", "ChatML", "HFTokenizer",
            "gguf_tokenizer", "json_tokenizer", "KVCache", "decode_step", "generate", "generate_eft",
-           "init_cache", "prefill", "sample_token"]
+           "init_cache", "prefill", "prefill_packed", "sample_token"]

@@ -15,6 +15,10 @@ one token's forward instead of the whole prefix's. Row ``b``'s slot ``s`` holds 
 with key ``fold_in(key, step)``. Rows that emitted ``eos_id`` keep emitting it; the loop stops
 when every row has (a ``lax.while_loop``), so a short answer costs a short loop.
 
+``generate(..., prepack=True)`` prefills instead through :func:`prefill_packed`: the prompts
+bin-packed into a few rows (``jaxeff.data.pack_prompts``; "Prepacking", Zhao et al., 2024), their
+keys and values gathered into the same cache, so decoding is unchanged.
+
 :func:`generate_eft` runs three models (large base, small fine-tuned, small base) in lock step,
 each with its own cache, and samples from their EFT combination (``jaxeff.losses.eft_logprobs``).
 
@@ -30,17 +34,21 @@ H query heads, V vocabulary, D width.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff._checks import check_float, check_int
+from jaxeff import kernels
+from jaxeff._checks import check_bool, check_float, check_int, is_traced
 from jaxeff.models import llama
 
-__all__ = ["KVCache", "init_cache", "prefill", "decode_step", "generate", "generate_eft",
-           "sample_token"]
+if TYPE_CHECKING:
+    from jaxeff.data import PackedPrompts
+
+__all__ = ["KVCache", "init_cache", "prefill", "prefill_packed", "decode_step", "generate",
+           "generate_eft", "sample_token"]
 
 
 class KVCache(NamedTuple):
@@ -115,6 +123,68 @@ def prefill(params, cfg: llama.LlamaConfig, tokens_BxP, real_BxP, slots: int):
     return _step(params, cfg, cache, tokens_BxP, 0, real_BxP)
 
 
+def prefill_packed(params, cfg: llama.LlamaConfig, packed: PackedPrompts, slots: int):
+    """Prepacked prefill: run the packed prompt rows once, then gather every prompt's keys,
+    values and last-token logits into the cache :func:`prefill` builds for the left-padded block.
+
+    Paper: "Prepacking: A Simple Method for Fast Prefilling and Increased Throughput in Large
+    Language Models" (Zhao et al., 2024). ``packed`` is ``jaxeff.data.pack_prompts(prompts,
+    row_len)``: R rows of L tokens, segment ids keeping the prompts apart in the attention,
+    positions restarting at 0 per prompt. With ``P = max_b n_b`` and ``pad_b = P - n_b``::
+
+        cache slot s of prompt b  <-  packed token (row_B[b], start_B[b] + s - pad_b),
+                                      pad_b <= s < P (other slots zero and masked)
+        logits of prompt b        <-  packed token (row_B[b], start_B[b] + n_b - 1)
+
+    so :func:`decode_step` continues at slot P exactly as after :func:`prefill` of the same
+    prompts (equal to float tolerance: the packed pass attends with ``jaxeff.kernels.attention``
+    over its row, the padded one over the cache). The prefill costs ``R * L`` token-forwards
+    instead of ``B * P``. Returns ``(logits [B, V] float32, cache of `slots` slots)``.
+
+    Raises ValueError for ``slots`` not an int >= the longest prompt (checked where the lengths
+    are concrete, i.e. outside ``jit``).
+    """
+    slots = check_int("slots", slots, 1)
+    if not is_traced(packed.length_B) and slots < int(np.max(packed.length_B)):
+        raise ValueError(f"slots={slots} is fewer than the longest prompt "
+                         f"({int(np.max(packed.length_B))} tokens)")
+    tokens_RxL = jnp.asarray(packed.tokens_RxL, jnp.int32)
+    segments_RxL = jnp.asarray(packed.segment_ids_RxL, jnp.int32)
+    positions_RxL = jnp.asarray(packed.positions_RxL, jnp.int32)
+    row_B, start_B, length_B = (jnp.asarray(a, jnp.int32)
+                                for a in (packed.row_B, packed.start_B, packed.length_B))
+    L = tokens_RxL.shape[1]
+    P = jnp.max(length_B)
+    pad_B = P - length_B
+    slot_S = jnp.arange(slots, dtype=jnp.int32)
+    valid_BxS = (slot_S[None] >= pad_B[:, None]) & (slot_S[None] < P)
+    col_BxS = jnp.clip(start_B[:, None] + slot_S[None] - pad_B[:, None], 0, L - 1)
+    row_BxS = jnp.broadcast_to(row_B[:, None], col_BxS.shape)
+    dt = jnp.dtype(cfg.compute_dtype)
+
+    def to_cache(kv_RxLxGxK):
+        kv_BxSxGxK = kv_RxLxGxK[row_BxS, col_BxS]
+        return jnp.where(valid_BxS[..., None, None], kv_BxSxGxK, 0).astype(dt)
+
+    def body(x_RxLxD, lp):
+        kept = {}
+
+        def attention(q, k, v, segment_ids, causal):
+            kept["k"], kept["v"] = k, v
+            return kernels.attention(q, k, v, segment_ids, causal=causal, impl=cfg.impl,
+                                     interpret=cfg.interpret)
+
+        x_RxLxD = llama.block(lp, x_RxLxD, cfg, segments_RxL, positions_RxL,
+                              attention_fn=attention)
+        return x_RxLxD, (to_cache(kept["k"]), to_cache(kept["v"]))
+
+    x_RxLxD = llama.embed(params, tokens_RxL, cfg)
+    x_RxLxD, (k, v) = jax.lax.scan(body, x_RxLxD, params["layers"])
+    x_BxD = x_RxLxD[row_B, start_B + length_B - 1]
+    logits_BxV = llama.logits(params, x_BxD[:, None], cfg)[:, 0]
+    return logits_BxV, KVCache(k, v, valid_BxS, pad_B)
+
+
 def decode_step(params, cfg: llama.LlamaConfig, cache: KVCache, token_B, slot):
     """One token per row at slot ``slot``: ``(logits [B, V], cache)``."""
     return _step(params, cfg, cache, token_B[:, None], slot,
@@ -140,9 +210,10 @@ def sample_token(key, logits_BxV, temperature: float = 0.0, top_p: float = 1.0):
 
 @functools.partial(jax.jit, static_argnames=("cfgs", "max_new_tokens", "temperature", "top_p",
                                              "eos_id"))
-def _generate(params_models, tokens_BxP, real_BxP, key, beta, *, cfgs, max_new_tokens,
+def _generate(params_models, tokens_BxP, real_BxP, key, beta, packed, *, cfgs, max_new_tokens,
               temperature, top_p, eos_id):
-    """One model: its logits. Three models (EFT): ``eft_logprobs`` of their logits with ``beta``."""
+    """One model: its logits. Three models (EFT): ``eft_logprobs`` of their logits with ``beta``.
+    ``packed`` (a ``PackedPrompts`` of the same prompts, or None): prefill with it."""
     B, P = tokens_BxP.shape
     N = max_new_tokens
 
@@ -152,7 +223,10 @@ def _generate(params_models, tokens_BxP, real_BxP, key, beta, *, cfgs, max_new_t
         from jaxeff.losses import eft_logprobs
         return eft_logprobs(*logits, beta=beta)
 
-    firsts = [prefill(p, c, tokens_BxP, real_BxP, P + N) for p, c in zip(params_models, cfgs)]
+    if packed is None:
+        firsts = [prefill(p, c, tokens_BxP, real_BxP, P + N) for p, c in zip(params_models, cfgs)]
+    else:
+        firsts = [prefill_packed(p, c, packed, P + N) for p, c in zip(params_models, cfgs)]
     caches = tuple(c for _, c in firsts)
     first_B = sample_token(jax.random.fold_in(key, 0), combine([l for l, _ in firsts]),
                            temperature, top_p)
@@ -205,7 +279,8 @@ def _left_pad(prompt_ids, pad_id):
 
 def generate(params, cfg: llama.LlamaConfig, prompt_ids: Union[Sequence, np.ndarray, jax.Array],
              max_new_tokens: int, *, key: Optional[jax.Array] = None, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0) -> jax.Array:
+             top_p: float = 1.0, eos_id: Optional[int] = None, pad_id: int = 0,
+             prepack: bool = False, row_len: Optional[int] = None) -> jax.Array:
     """Generate ``max_new_tokens`` tokens after each prompt with a KV cache (jitted, batched).
 
     Args:
@@ -220,20 +295,30 @@ def generate(params, cfg: llama.LlamaConfig, prompt_ids: Union[Sequence, np.ndar
       eos_id: stop token (e.g. ``tokenizer.eos_id``): a row that emits it keeps emitting it and
         decoding stops once every row has; None (default) always decodes N tokens.
       pad_id: the id written into the padding of ragged prompts (masked out; default 0).
+      prepack: prefill the prompts bin-packed into rows (:func:`prefill_packed`, "Prepacking",
+        Zhao et al., 2024) instead of padded to the longest; same tokens (default False).
+      row_len: with ``prepack``, the packed row length (default: the longest prompt).
 
     Returns int32 ``[B, N]``: the new tokens only (``tokenizer.decode`` drops a trailing eos).
 
     Raises:
       ValueError / TypeError naming the argument: a bad prompt, ``max_new_tokens < 1``,
       ``P + N > cfg.max_seq_len``, a negative temperature, ``top_p`` outside (0, 1], a missing
-      ``key`` when sampling, ids outside the vocabulary.
+      ``key`` when sampling, ids outside the vocabulary, a non-bool ``prepack``, ``row_len``
+      without ``prepack`` or shorter than the longest prompt.
     """
     return _run([(params, cfg)], prompt_ids, max_new_tokens, key=key, temperature=temperature,
-                top_p=top_p, eos_id=eos_id, pad_id=pad_id, beta=0.0)
+                top_p=top_p, eos_id=eos_id, pad_id=pad_id, beta=0.0, prepack=prepack,
+                row_len=row_len)
 
 
-def _run(models, prompt_ids, max_new_tokens, *, key, temperature, top_p, eos_id, pad_id, beta):
+def _run(models, prompt_ids, max_new_tokens, *, key, temperature, top_p, eos_id, pad_id, beta,
+         prepack=False, row_len=None):
     cfg = models[0][1]
+    prepack = check_bool("prepack", prepack)
+    if row_len is not None and not prepack:
+        raise ValueError(f"row_len={row_len!r} is used only with prepack=True; pass prepack=True "
+                         f"or drop row_len")
     N = check_int("max_new_tokens", max_new_tokens, 1)
     temperature = check_float("temperature", temperature, 0.0)
     top_p = check_float("top_p", top_p, 0.0, 1.0, min_open=True)
@@ -252,8 +337,13 @@ def _run(models, prompt_ids, max_new_tokens, *, key, temperature, top_p, eos_id,
         raise ValueError("key is required when temperature > 0 (sampling); pass "
                          "key=jax.random.key(seed)")
     key = jax.random.key(0) if key is None else key
+    packed = None
+    if prepack:
+        from jaxeff.data import pack_prompts     # lazily: `import jaxeff.models` skips Grain
+        rows = [t[r] for t, r in zip(tokens, real)]
+        packed = jax.tree.map(jnp.asarray, pack_prompts(rows, row_len, pad_id=pad_id))
     return _generate(tuple(p for p, _ in models), jnp.asarray(tokens, jnp.int32),
-                     jnp.asarray(real), key, jnp.asarray(beta, jnp.float32),
+                     jnp.asarray(real), key, jnp.asarray(beta, jnp.float32), packed,
                      cfgs=tuple(c for _, c in models), max_new_tokens=N,
                      temperature=temperature, top_p=top_p, eos_id=eos_id)
 
