@@ -24,14 +24,15 @@ The gated forward is model-agnostic: :func:`gated_scan` runs a user ``block_fn(l
 x`` over the stacked layers with a per-layer (or per-example-per-layer) gate. For the reference
 LLaMA: ``block_fn = lambda lp, x: llama.block(lp, x, cfg, segment_ids, positions)``.
 
-The local LoRA here is deliberately minimal (a dict of ``a``/``b`` factors merged into the weights);
-``jaxeff.params.lora`` is the library's full implementation.
+LoRA is ``jaxeff.params.lora`` (``_lora.py``, the one home): :func:`init_lora` / :func:`merge_lora`
+are thin views of it that keep the factors as a plain ``{'a', 'b'}`` dict (merged into the weights
+for the forward); or put the trainable half of a ``lora(...).from_dense`` tree in ``'lora'`` and
+run the unmerged product (``x W + s (x A) B``, no dense weight gradient) through the model.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
@@ -40,8 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeff._checks import check_float
 from jaxeff.params._layers import gather_layers, layer_count
-from jaxeff.select import flatten_with_paths, path_str, select_mask
+from jaxeff.params._lora import LoRAWeight, lora
+from jaxeff.params._structured import is_structured
+from jaxeff.select import MatrixLayout, flatten_with_paths, path_str
 
 __all__ = ["keep_patterns", "init_depth_pruning", "sample_layer_mask", "argmax_layer_mask",
            "kept_layers", "gated_scan", "init_lora", "merge_lora", "temperature_schedule",
@@ -75,56 +79,75 @@ def _check_logits(logits, group_size, keep):
 
 
 def init_lora(key: jax.Array, params, select, *, rank: int = 8):
-    """Low-rank factors for the matrices selected in ``params``: ``{path...: {'a', 'b'}}`` nested
-    like the params, with ``a: [..., m, r]`` uniform in ``±1/sqrt(m)`` and ``b: [..., r, n] = 0``
-    (so the update ``A B`` starts at zero). Leaves with more than two axes are batches of matrices.
+    """LoRA factors for the matrices selected in ``params``, as a plain nested dict: a thin view
+    of ``jaxeff.params.lora`` (the library's one LoRA; it draws the factors).
+
+    Returns ``{path...: {'a': A, 'b': B}}`` nested like the params: the ``A`` / ``B`` of
+    ``lora(rank, select=select).from_dense(key, params)``, ``A: [..., m, r]`` uniform in
+    ``±1/sqrt(m)``, ``B: [..., r, n] = 0`` (so the update ``A B`` starts at zero; LoRA, Hu et al.
+    2021). A tree of arrays only (no frozen base, no ``None`` holes): optax and Orbax take it as
+    it is; :func:`merge_lora` applies it. To train the adapters unmerged instead (cheaper
+    backward: no dense weight gradient), use ``partition(lora(...).from_dense(key, params))[0]``
+    as the ``'lora'`` entry and ``combine(trainable, frozen)`` in the loss.
 
     Raises ValueError for ``rank < 1``, a selector matching nothing, or a selected leaf with fewer
-    than two axes.
+    than two axes (the messages of ``jaxeff.params.lora``).
     """
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int; got {rank!r}")
-    mask = select_mask(select, params, argname="lora")
-    flat = flatten_with_paths(params)[0]
+    adapted = lora(rank, select=select).from_dense(key, params)
     out: dict = {}
-    for i, ((p, x), hit) in enumerate(zip(flat, jax.tree.leaves(mask))):
-        if not hit:
-            continue
-        if x.ndim < 2:
-            raise ValueError(f"lora selects leaf {p} of shape {x.shape}; LoRA needs a "
-                             "matrix (>= 2 axes)")
-        *batch, m, n = x.shape
-        bound = 1.0 / math.sqrt(m)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*batch, m, rank), jnp.float32,
-                               -bound, bound).astype(x.dtype)
-        node = out
-        parts = p.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = {"a": a, "b": jnp.zeros((*batch, rank, n), x.dtype)}
+    for p, w in flatten_with_paths(adapted, is_leaf=is_structured)[0]:
+        if isinstance(w, LoRAWeight):
+            node = out
+            parts = p.split("/")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = {"a": w.A, "b": w.B}
     return out
 
 
-def merge_lora(params, lora, *, alpha: float = 16.0):
-    """``W + (alpha / r) * A @ B`` for every leaf that has factors in ``lora`` (see
-    :func:`init_lora`); other leaves unchanged. Differentiable in both trees."""
+def merge_lora(params, lora_factors, *, alpha: float = 16.0):
+    """``W + (alpha / r) * A @ B`` for every leaf that has factors in ``lora_factors`` (see
+    :func:`init_lora`); other leaves unchanged. Differentiable in both trees.
 
-    def lookup(path):
-        node = lora
-        for part in path_str(path).split("/"):
-            if not isinstance(node, Mapping) or part not in node:
-                return None
-            node = node[part]
-        return node if isinstance(node, Mapping) and "a" in node and "b" in node else None
+    The merge is ``jaxeff.params.LoRAWeight(W, A, B, alpha / r, layout).materialize()``, the
+    library's one copy of that formula (LoRA, Hu et al. 2021). Raises ValueError when a factor
+    pair names no leaf of ``params`` or its shapes do not fit that leaf (nothing is dropped
+    silently).
+    """
+    alpha = check_float("alpha", alpha, 0.0, min_open=True)
+    wanted: dict = {}
+
+    def collect(node, prefix):
+        if isinstance(node, Mapping) and "a" in node and "b" in node:
+            wanted[prefix] = node
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                collect(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            raise ValueError(f"lora_factors: {prefix!r} is neither a dict nor an {{'a', 'b'}} "
+                             f"pair (got {type(node).__name__})")
+
+    collect(lora_factors, "")
+    used = set()
 
     def one(path, w):
-        f = lookup(path)
+        name = path_str(path)
+        f = wanted.get(name)
         if f is None:
             return w
-        r = f["a"].shape[-1]
-        return w + ((alpha / r) * jnp.matmul(f["a"], f["b"])).astype(w.dtype)
+        used.add(name)
+        lay = MatrixLayout.for_leaf(name, w.shape)
+        want_a = lay.batch_shape + (lay.m, f["a"].shape[-1])
+        want_b = lay.batch_shape + (f["a"].shape[-1], lay.n)
+        if f["a"].shape != want_a or f["b"].shape != want_b:
+            raise ValueError(f"lora_factors for {name!r}: a {f['a'].shape}, b {f['b'].shape} do "
+                             f"not fit the weight {w.shape} (want a {want_a}, b {want_b})")
+        return LoRAWeight(w, f["a"], f["b"], alpha / f["a"].shape[-1], lay).materialize()
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    out = jax.tree_util.tree_map_with_path(one, params)
+    if set(wanted) - used:
+        raise ValueError(f"lora_factors name leaves that params lacks: {sorted(set(wanted) - used)}")
+    return out
 
 
 def init_depth_pruning(key: jax.Array, params, *, group_size: int = 2, keep: int = 1,

@@ -205,3 +205,82 @@ def test_prune_depth_layouts_and_errors():
         gated_scan(lambda lp, h: h, p["layers"], jnp.zeros((3, 8, 16)), jnp.ones(5))
     with pytest.raises(ValueError, match="layers='blocks' matches nothing"):
         init_depth_pruning(jax.random.key(0), p, layers="blocks")
+
+
+# --- the shallow model is a real llama params tree (pruned by each pattern, recovered by LoRA) --
+
+CFG6 = CFG.replace(n_layers=6, tie_embeddings=True)
+
+
+def _hard_mask(keep, n):
+    return jnp.zeros(n).at[jnp.asarray(keep)].set(1.0)
+
+
+@pytest.mark.parametrize("m,n", [(2, 1), (3, 2)])
+def test_pruned_by_pattern_is_a_real_llama_equal_to_the_gated_model(m, n):
+    from jaxeff.params import layer_count
+
+    p = _params(CFG6, seed=m)
+    k = CFG6.n_layers * n // m
+    logits = jnp.asarray(np.random.default_rng(m).normal(size=(CFG6.n_layers // m,
+                                                              keep_patterns(m, n).shape[0])))
+    patterns = {"first-k": list(range(k)),
+                "first of each group": [g * m + i for g in range(CFG6.n_layers // m)
+                                        for i in range(n)],
+                "learned": kept_layers(logits, group_size=m, keep=n)}
+    assert len(patterns["learned"]) == k
+    np.testing.assert_array_equal(_hard_mask(patterns["learned"], 6),
+                                  argmax_layer_mask(logits, group_size=m, keep=n))
+    small = CFG6.replace(n_layers=k)
+    for name, keep in patterns.items():
+        shallow = prune_depth(p, keep)
+        assert layer_count(shallow) == k
+        assert jax.tree.structure(shallow) == jax.tree.structure(llama.abstract_params(small))
+        gated = np.asarray(gated_forward(p, X, _hard_mask(keep, 6), CFG6))
+        np.testing.assert_allclose(np.asarray(_fwd(shallow, X, small)), gated, atol=1e-5,
+                                   err_msg=name)
+
+
+def test_recovered_shallow_model_saves_loads_and_generates(tmp_path):
+    from jaxeff.models import generate, load_safetensors, save_safetensors
+    from jaxeff.params import LoRA, combine, lora, partition
+
+    p = _params(CFG6, seed=5)
+    small = CFG6.replace(n_layers=3)
+    shallow = prune_depth(p, [1, 2, 4])
+    # recovery with the library's LoRA on the shallow model, merged back to plain arrays
+    adapted = lora(2, 4.0, select=r"layers/(wq|wo|w_down)$").from_dense(jax.random.key(1), shallow)
+    tr, frozen = partition(adapted)
+    tr = jax.tree.map(lambda b: b + 0.1, tr)                   # as if trained: B != 0
+    merged = LoRA.merge(combine(tr, frozen))
+    assert jax.tree.structure(merged) == jax.tree.structure(shallow)
+    np.testing.assert_allclose(_fwd(merged, X, small), _fwd(combine(tr, frozen), X, small),
+                               atol=1e-4)                      # merged == unmerged product
+    save_safetensors(tmp_path / "shallow.safetensors", merged, small)
+    back = load_safetensors(tmp_path / "shallow.safetensors", small)
+    jax.tree.map(np.testing.assert_array_equal, back, merged)
+    out = np.asarray(generate(back, small, X[:2, :4], 3))
+    assert out.shape == (2, 3)
+    np.testing.assert_array_equal(out[:, 0], np.argmax(_fwd(merged, X[:2, :4], small)[:, -1], -1))
+
+
+def test_merge_lora_is_the_library_lora():
+    from jaxeff.params import LoRA, lora
+    p = _params()
+    sel = r"layers/(wq|w_up)$"
+    adapted = lora(3, 6.0, select=sel).from_dense(jax.random.key(2), p)
+    factors = init_lora(jax.random.key(2), p, sel, rank=3)
+    np.testing.assert_array_equal(factors["layers"]["wq"]["a"], adapted["layers"]["wq"].A)
+    bump = lambda t: jax.tree.map(lambda x: x + 0.5, t)
+    factors = {"layers": {k: {"a": v["a"], "b": bump(v["b"])} for k, v in
+                          factors["layers"].items()}}
+    adapted = jax.tree.map(lambda w: w.replace(B=w.B + 0.5) if hasattr(w, "B") else w, adapted,
+                           is_leaf=lambda w: hasattr(w, "B"))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6),
+                 merge_lora(p, factors, alpha=6.0), LoRA.merge(adapted))
+    with pytest.raises(ValueError, match="params lacks"):
+        merge_lora(p, {"layers": {"nope": factors["layers"]["wq"]}})
+    with pytest.raises(ValueError, match="do not fit"):
+        merge_lora(p, {"layers": {"w_down": factors["layers"]["w_up"]}})
+    with pytest.raises(ValueError, match="alpha"):
+        merge_lora(p, factors, alpha=0.0)
