@@ -79,10 +79,10 @@ def main(argv=None):
     ap.add_argument("--train-chars", type=int, default=256)
     ap.add_argument("--eval-segments", type=int, default=4)
     ap.add_argument("--eval-chars", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--distill-steps", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--distill-steps", type=int, default=10)
     ap.add_argument("--distill-len", type=int, default=48)
-    ap.add_argument("--distill-lr", type=float, default=3e-3)
+    ap.add_argument("--distill-lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxeff._checks import check_float, check_int, check_learning_rate
+from jaxeff._checks import check_bool, check_float, check_int, check_learning_rate
 from jaxeff.losses._distill import hidden_state_loss, kd_loss, masked_mean
 from jaxeff.models import llama
 from jaxeff.models._extend_tokenizer import VocabExtension
@@ -200,12 +200,16 @@ def distillation_objective(params, cfg: llama.LlamaConfig, extension: VocabExten
 def distill_new_rows(params, cfg: llama.LlamaConfig, extension: VocabExtension, rows_NxD,
                      samples: DistillSamples, *, steps: int, batch_size: int = 4,
                      learning_rate: float = 1e-3, hidden_weight: float = 1.0,
-                     kl_weight: float = 1.0) -> DistillResult:
+                     kl_weight: float = 1.0, only_present: bool = True) -> DistillResult:
     """Contextualized weight distillation (BIOptimus): Adam on the new rows only, minimising
     ``J(R)`` of the module docstring, starting from ``rows_NxD`` (e.g.
     ``jaxeff.params.mean_rows``); the old model is the frozen teacher.
 
-    Step ``k`` uses samples ``[k * batch_size, (k + 1) * batch_size)`` (cyclically).
+    Step ``k`` uses samples ``[k * batch_size, (k + 1) * batch_size)`` (cyclically). With
+    ``only_present`` (default) a step updates only the rows of new tokens that occur in its
+    batch's inputs: the KL term gives every new row a small gradient through the tied output
+    head, and Adam's normalised step would otherwise move all N rows by about the learning rate
+    from a handful of contexts (BIOptimus distils each token from the contexts it occurs in).
 
     Args:
       params, cfg: the old tied-embedding ``jaxeff.models.llama`` model (``V`` rows).
@@ -214,6 +218,7 @@ def distill_new_rows(params, cfg: llama.LlamaConfig, extension: VocabExtension, 
       samples: :func:`distillation_samples` of the extension.
       steps: optimizer steps, >= 1. batch_size: samples per step, in [1, #samples].
       learning_rate: Adam's (default 1e-3). hidden_weight, kl_weight: ``w_h``, ``w_kl`` >= 0.
+      only_present: update only the rows of new tokens in the step's batch (default True).
 
     Returns: a :class:`DistillResult`.
 
@@ -232,16 +237,23 @@ def distill_new_rows(params, cfg: llama.LlamaConfig, extension: VocabExtension, 
     lr = check_learning_rate("learning_rate", learning_rate, allow_zero=False)
     hw = check_float("hidden_weight", hidden_weight, 0.0)
     kw = check_float("kl_weight", kl_weight, 0.0)
+    only_present = check_bool("only_present", only_present)
     if hw == 0 and kw == 0:
         raise ValueError("hidden_weight and kl_weight are both 0: nothing to distil")
     first_N = jnp.asarray(extension.first_pieces())
     tx = optax.adam(lr)
+
+    V, N = extension.old_vocab_size, extension.n_new
 
     @jax.jit
     def step(rows, opt_state, params, batch):
         (j, terms), g = jax.value_and_grad(_objective, has_aux=True)(
             rows, params, batch, cfg, first_N, hw, kw)
         updates, opt_state = tx.update(g, opt_state, rows)
+        if only_present:   # rows of new tokens absent from the batch's inputs stay put
+            present_N = jnp.zeros((N + 1,), bool).at[
+                jnp.clip(batch["student_ids"] - V + 1, 0).reshape(-1)].set(True)[1:]
+            updates = jnp.where(present_N[:, None], updates, 0.0)
         return optax.apply_updates(rows, updates), opt_state, j, terms
 
     rows, opt_state = rows_NxD.astype(jnp.float32), tx.init(rows_NxD.astype(jnp.float32))

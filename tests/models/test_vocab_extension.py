@@ -104,6 +104,10 @@ def test_distillation_reduces_objective_and_only_new_rows_move(tok, ext, model):
     assert j0 > 0 and j1 < 0.7 * j0, (j0, j1)
     assert res.objective[0] == pytest.approx(j0, rel=1e-4)
     assert res.rows.shape == start.shape
+    # only rows of new tokens that occur in the contexts moved
+    present = np.unique(samples.student_ids[samples.student_ids >= ext.old_vocab_size])
+    moved = np.flatnonzero(np.abs(np.asarray(res.rows - start)).max(1) > 0) + ext.old_vocab_size
+    assert set(moved) <= set(present) and len(moved) > 0
     # the extended model on old ids is the old model
     ext_params = extend_embedding(params, res.rows)
     ids = jnp.asarray(tok.encode("the lazy dog"))[None]
