@@ -19,6 +19,8 @@ averaging and elastic sub-networks.
 * GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
   ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``; on a flax NNX
   model without editing its forward: ``gptq_nnx``, ``capture_linear_inputs``.
+* vocabulary extension, embedding rows for new tokens (BIOptimus 2023; Wada et al. 2024):
+  ``extend_embedding``, ``mean_rows``, ``random_rows``.
 * G_stack depth growth (Du et al. 2024): ``DEFAULT_GROWTH_FACTOR``, ``grow_train_state``,
   ``growth_tokens``, ``stack_depth``.
 * layer-container navigation: ``gather_layers``, ``layer_count``, ``stacked_layers``.
@@ -55,6 +57,7 @@ from jaxeff.params._depth_prune import (argmax_layer_mask, gated_scan, init_dept
                                         temperature_schedule)
 from jaxeff.params._elastic import (elastic_loss, ElasticSize, extract_subnetwork, resolve_size,
                                     spec_units)
+from jaxeff.params._embedding import extend_embedding, mean_rows, random_rows
 from jaxeff.params._gptq import (aligned_block_size, check_hessian, check_ok, check_solver_args,
                                  gptq, gptq_solve, gptq_weight, GPTQResult, hessian_init,
                                  hessian_update, HessianState, quant_error)
@@ -90,6 +93,7 @@ __all__ = [
     "sample_pseudo_features", "update_class_stats", "argmax_layer_mask", "gated_scan",
     "init_depth_pruning", "init_lora", "keep_patterns", "kept_layers", "merge_lora",
     "prune_depth", "pruning_optimizer", "sample_layer_mask", "temperature_schedule",
+    "extend_embedding", "mean_rows", "random_rows",
     "elastic_loss", "ElasticSize", "extract_subnetwork", "resolve_size", "spec_units",
     "aligned_block_size", "check_hessian", "check_ok", "check_solver_args", "gptq", "gptq_solve",
     "gptq_weight", "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
