@@ -35,6 +35,11 @@ Example::
   ``PACKINGS``.
 * prepacking prompts for one prefill pass (Zhao et al. 2024): ``pack_prompts``,
   ``PackedPrompts``, ``PROMPT_PACKINGS``.
+* WRAP rephrasing (Maini et al. 2024): ``ChatRephraser``, ``load_rephrased``,
+  ``make_wrap_lm_dataset``, ``rephrase_corpus``, ``WRAP_STYLES``, ``wrap_prompt``.
+* curriculum by difficulty with a pacing function (BIOptimus 2023; Platanios et al. 2019):
+  ``curriculum_dataset``, ``CurriculumMap``, ``linear_pacing``, ``make_curriculum_lm_dataset``,
+  ``Pacing``, ``root_pacing``, ``step_pacing``.
 * data selection: ``apply_selection``, ``cached_scores``, ``hashed_ngram_features``, ``LogReg``,
   ``logreg_scores``, ``loss_scores``, ``moment_matching_scores``, ``predictive_strength``,
   ``preselect_labels``, ``select_top``, ``Selection``, ``train_logreg``.
@@ -49,6 +54,9 @@ from jaxeff.data._corpus import (as_document, Corpus, corpus_fingerprint, Docume
 from jaxeff.data._corpora import (find_shared_data, load_site_packages_corpus,
                                   load_text_file_corpus, load_tinyshakespeare, site_packages_files,
                                   TINYSHAKESPEARE_SHA256, train_bpe_tokenizer)
+from jaxeff.data._curriculum import (curriculum_dataset, CurriculumMap, linear_pacing,
+                                     make_curriculum_lm_dataset, Pacing, root_pacing,
+                                     step_pacing)
 from jaxeff.data._dedup import (exact_duplicates, kmeans, lsh_params, minhash_signatures,
                                 near_duplicates, semantic_duplicates, shingle_hashes)
 from jaxeff.data._epochs import (check_repetition, CountingIterator, EpochCounter, EpochReport,
@@ -67,6 +75,8 @@ from jaxeff.data._objectives import (BYTE_UL2_MODE_IDS, BYTE_UL2_SENTINELS, deco
 from jaxeff.data._pipeline import (BATCH_KEYS, EncodeDocument, fill_rate, LONG_DOCS,
                                    make_eval_batches, make_lm_dataset, pack_lm, PACKINGS)
 from jaxeff.data._prepack import pack_prompts, PackedPrompts, PROMPT_PACKINGS
+from jaxeff.data._rephrase import (ChatRephraser, load_rephrased, make_wrap_lm_dataset,
+                                   rephrase_corpus, WRAP_STYLES, wrap_prompt)
 from jaxeff.data._selection import (apply_selection, cached_scores, hashed_ngram_features, LogReg,
                                     logreg_scores, loss_scores, moment_matching_scores,
                                     predictive_strength, preselect_labels, select_top, Selection,
@@ -94,6 +104,9 @@ __all__ = [
     "span_reconstruct", "ul2_denoisers", "ul2_example", "UL2Transform", "BATCH_KEYS",
     "EncodeDocument", "fill_rate", "LONG_DOCS", "make_eval_batches", "make_lm_dataset",
     "pack_lm", "PACKINGS", "pack_prompts", "PackedPrompts", "PROMPT_PACKINGS",
+    "pack_lm", "PACKINGS", "ChatRephraser", "load_rephrased", "make_wrap_lm_dataset",
+    "rephrase_corpus", "WRAP_STYLES", "wrap_prompt", "curriculum_dataset", "CurriculumMap",
+    "linear_pacing", "make_curriculum_lm_dataset", "Pacing", "root_pacing", "step_pacing",
     "apply_selection", "cached_scores", "hashed_ngram_features",
     "LogReg", "logreg_scores", "loss_scores", "moment_matching_scores", "predictive_strength",
     "preselect_labels", "select_top", "Selection", "train_logreg", "BPETokenizer",
