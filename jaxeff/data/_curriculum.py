@@ -1,10 +1,10 @@
 """Curriculum: draw documents easiest first, widening the eligible set by a pacing function.
 
 BIOptimus ("BIOptimus: Pre-training an Optimal Biomedical Language Model with Curriculum
-Learning for Named Entity Recognition", 2023) pre-trains with curriculum
-learning: easier data first. Its abstract does not fix the difficulty measure or the pace, so
-the stage here is the competence-based formulation of "Competence-based Curriculum Learning for
-Neural Machine Translation" (Platanios et al., 2019) with a pluggable difficulty:
+Learning for Named Entity Recognition", Pavlova & Makhlouf, BioNLP 2023) pre-trains with
+curriculum learning: easier data first. Its abstract does not fix the difficulty measure or the
+pace, so the stage here is the competence-based formulation of "Competence-based Curriculum
+Learning for Neural Machine Translation" (Platanios et al., 2019) with a pluggable difficulty:
 
 * difficulty ``d_j`` per document, lower = easier: any 1-D score, e.g. a reference model's loss
   (:func:`jaxeff.data.loss_scores`), a length, a precomputed array. Documents are ranked
@@ -91,7 +91,8 @@ def root_pacing(c0: float = 0.1, power: float = 2.0) -> Pacing:
 
 def step_pacing(stages: int = 4, c0: Optional[float] = None) -> Pacing:
     """``K = stages`` equal stages, competence ``c0 + (1 - c0) j / (K - 1)`` in stage ``j``
-    (the "baby steps" of Spitkovsky et al., 2010); ``c0`` defaults to ``1 / K``: ``(floor(K p) + 1) / K``.
+    (the "baby steps" of Spitkovsky et al., 2010); ``c0`` defaults to ``1 / K``:
+    ``(floor(K p) + 1) / K``.
     Raises ValueError unless ``stages >= 2`` and ``0 < c0 <= 1``."""
     stages = check_int("stages", stages, 2)
     return Pacing("step", 1.0 / stages if c0 is None else c0, stages=stages)

@@ -1,4 +1,4 @@
-"""WRAP: rephrase documents with an instruction-tuned model, cache them with provenance, mix them in.
+"""WRAP: rephrase documents with an instruction-tuned model, cache them with provenance, mix.
 
 "Rephrasing the Web: A Recipe for Compute and Data-Efficient Language Modeling" (Maini et al.,
 2024) prompts an off-the-shelf instruction-tuned model to paraphrase each web document in a
@@ -129,7 +129,8 @@ class ChatRephraser:
                    if not hasattr(tokenizer, m)]
         if missing:
             raise TypeError(f"tokenizer must have {missing} (a chat model's tokenizer, e.g. "
-                            f"pretrained('smollm2-135m').tokenizer); got {type(tokenizer).__name__}")
+                            f"pretrained('smollm2-135m').tokenizer); got "
+                            f"{type(tokenizer).__name__}")
         if not isinstance(model, str) or not model:
             raise TypeError(f"model must be a non-empty str naming the model; got {model!r}")
         self.tokenizer = tokenizer

@@ -106,7 +106,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_records(tmp_path, how):
     out = rephrase_corpus(DOCS, gen, run, batch_size=2, records_per_shard=3)
     assert len(gen.calls) == 2 and len(out) == 10
     assert _shards(run) == _shards(ref)
-    assert sorted(os.listdir(run)) == sorted(os.listdir(ref))      # a shard is closed once it holds >= 3 lines
+    # same shards (a shard is closed once it holds >= 3 lines)
+    assert sorted(os.listdir(run)) == sorted(os.listdir(ref))
 
 
 def test_other_settings_raise_instead_of_mixing(tmp_path):
