@@ -28,8 +28,29 @@ and scratch; the frozen backbone, trainable parameters and optimizer state are a
 training shape and, compile-only, at batch 32 x 128 tokens; UniPT also with features computed
 once and cached (the step takes the 7 feature tensors, the backbone is not in it).
 
-Results: see ``experiments/results/study_peft.json`` and the README row (one seed; 192 test
-docstrings, so one standard error of an accuracy near 0.7 is about 0.033).
+Results (2026-12-02, the shared 2-core CPU VM at load 11-19, jax 0.10.2, seed 0, defaults: 30
+steps of batch 16 per method and 30 source steps; 191 CPU-s in all, 1444 s wall inflated by the
+load; ``experiments/results/study_peft.json``). Memory in MiB from ``memory_analysis``; "big" is
+batch 32 x 128 tokens, compile-only::
+
+    method               test acc  trainable   temp (big)      peak (big)
+    linear probe          0.828        2,310    13.5 (80)       99.6 (167)
+    full fine-tuning      0.880   22,715,526   147.2 (1393)    667.1 (1912)
+    LoRA r8 wq,wv         0.854       76,038   186.2 (1206)    274.0 (1293)
+    prompts, random       0.823        5,382   212.9 (1257)    299.1 (1343)
+    prompts, PVP init     0.823        5,382   212.9 (1257)    299.1 (1343)
+    UniPT width 96        0.802      335,334    24.5 (155)     118.2 (249)
+    UniPT, cached feats     -              -    22.0 (152)      37.6 (201)
+
+One seed and 192 test docstrings: one standard error near 0.85 is about 0.026, so only full
+fine-tuning vs the frozen-feature methods is clearly apart. Memory is the clear result: UniPT's
+step needs 8x less scratch than LoRA or prompts at the big shape (they keep every backbone
+activation for the backward pass even though the backbone does not train), about 2x the
+probe's. Accuracy at 30 steps is not a win for UniPT: it ends below the linear probe (its
+up-projection starts at zero and has few steps to grow). PVP's source-trained prompts (0.698 on
+the source task) reached a lower target loss (0.825 vs 0.874 over the last 5 steps) but the same
+accuracy as random prompts: no transfer gain shown at this size. Prompts were placed after the
+embedding layer and trained at one learning rate (1e-2), untuned.
 """
 from __future__ import annotations
 
