@@ -53,17 +53,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.common import random_batch, write_json
+from experiments.common import compiled_memory as memory, random_batch, write_json
 from jaxeff import train
 from jaxeff.models import llama
 from jaxeff.optim import gnb, hutchinson, sophia, sophia_extra_args, split_refresh
-
-
-def memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    temp = int(m.temp_size_in_bytes)
-    peak = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + temp)
-    return {"temp": temp, "peak": peak, "args": int(m.argument_size_in_bytes)}
 
 
 def build_variants(cfg, batch_size, k, lr):

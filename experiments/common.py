@@ -19,6 +19,16 @@ def random_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
             "loss_mask": jnp.ones((batch, seq), jnp.float32)}
 
 
+def compiled_memory(compiled) -> dict:
+    """Bytes an XLA executable reserves per call (``compiled.memory_analysis()``): ``temp``
+    (activations, gradients and scratch), ``args`` (inputs), and ``peak`` = args + outputs -
+    aliased + temp."""
+    m = compiled.memory_analysis()
+    temp = int(m.temp_size_in_bytes)
+    peak = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + temp)
+    return {"temp": temp, "peak": peak, "args": int(m.argument_size_in_bytes)}
+
+
 def write_json(obj, path: str) -> None:
     """Write a results file (creating its folder) and say where."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -7,7 +7,12 @@ all-MiniLM-L6-v2 load into it (:func:`jaxeff.models.load_safetensors`)::
     x = LN(tok_embed[ids] + pos_embed[0..L-1] + type_embed[types])
     for each layer:  x = LN(x + Attn(x) Wo + bo);  x = LN(x + GELU(x W_in + b_in) W_out + b_out)
 
-with exact (erf) GELU and padding keys masked out. Sentence embeddings follow
+with exact (erf) GELU and padding keys masked out. :func:`forward` is :func:`embed` (the first
+line) then :func:`encode` (the layers), so inputs can be edited between the two (soft prompts,
+``jaxeff.params.prepend_prompts``); ``return_layers`` also returns every layer's hidden states
+from the same pass (``jaxeff.params.unipt``). Every projection goes through
+``jaxeff.params.linear``, so structured weights (LoRA, quantized, low rank) apply unmerged.
+Sentence embeddings follow
 sentence-transformers' mean pooling (sum of the unmasked token states over their count) and L2
 normalisation ("Sentence-BERT", Reimers and Gurevych, 2019).
 
@@ -21,7 +26,8 @@ Params (stacked layer axis 0, weights ``[in, out]``: ``y = x @ W + b``)::
                 'mlp_norm_scale', 'mlp_norm_bias': [L, D]},
      'pooler_w': [D, D], 'pooler_b': [D]}          # only when cfg.pooler
 
-Shape letters: B batch, L length, D width, H heads, K head width, F MLP width, V vocabulary.
+Shape letters: B batch, L length, D width, H heads, K head width, F MLP width, V vocabulary,
+N stacked per-layer states (``n_layers + 1``: the embedding output, then each layer's output).
 """
 from __future__ import annotations
 
@@ -30,7 +36,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["BertConfig", "init_params", "forward", "mean_pool", "sentence_embedding", "pool"]
+from jaxeff.params._linear import linear
+
+__all__ = ["BertConfig", "init_params", "embed", "encode", "forward", "mean_pool",
+           "sentence_embedding", "pool"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,24 +111,24 @@ def _layer(lp, x_BxLxD, keep_BxL, cfg: BertConfig):
     B, L, D = x_BxLxD.shape
     H, K = cfg.n_heads, cfg.head_dim
     split = lambda y: y.reshape(B, L, H, K)  # noqa: E731
-    q_BxLxHxK = split(x_BxLxD @ lp["wq"] + lp["bq"])
-    k_BxLxHxK = split(x_BxLxD @ lp["wk"] + lp["bk"])
-    v_BxLxHxK = split(x_BxLxD @ lp["wv"] + lp["bv"])
+    q_BxLxHxK = split(linear(x_BxLxD, lp["wq"]) + lp["bq"])
+    k_BxLxHxK = split(linear(x_BxLxD, lp["wk"]) + lp["bk"])
+    v_BxLxHxK = split(linear(x_BxLxD, lp["wv"]) + lp["bv"])
     s_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK) / jnp.sqrt(jnp.float32(K))
     s_BxHxLxL = jnp.where(keep_BxL[:, None, None, :], s_BxHxLxL, jnp.finfo(jnp.float32).min)
     p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1)
     a_BxLxD = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK).reshape(B, L, D)
-    x_BxLxD = layer_norm(x_BxLxD + a_BxLxD @ lp["wo"] + lp["bo"], lp["attn_norm_scale"],
+    x_BxLxD = layer_norm(x_BxLxD + linear(a_BxLxD, lp["wo"]) + lp["bo"], lp["attn_norm_scale"],
                          lp["attn_norm_bias"], cfg.norm_eps)
-    u_BxLxF = jax.nn.gelu(x_BxLxD @ lp["w_in"] + lp["b_in"], approximate=False)
-    return layer_norm(x_BxLxD + u_BxLxF @ lp["w_out"] + lp["b_out"], lp["mlp_norm_scale"],
+    u_BxLxF = jax.nn.gelu(linear(x_BxLxD, lp["w_in"]) + lp["b_in"], approximate=False)
+    return layer_norm(x_BxLxD + linear(u_BxLxF, lp["w_out"]) + lp["b_out"], lp["mlp_norm_scale"],
                       lp["mlp_norm_bias"], cfg.norm_eps)
 
 
-def forward(params, ids_BxL, cfg: BertConfig, mask_BxL=None, token_types_BxL=None):
-    """Final hidden states ``[B, L, D]`` (float32) of the encoder.
+def embed(params, ids_BxL, cfg: BertConfig, token_types_BxL=None):
+    """The embedding layer ``LN(tok_embed[ids] + pos_embed[0..L-1] + type_embed[types])``,
+    ``[B, L, D]`` float32: the input of the first layer.
 
-    ``mask_BxL`` (1 = real token, 0 = padding; default all real) masks padding keys;
     ``token_types_BxL`` default to 0. Raises ValueError for a non-[B, L] ``ids_BxL`` or a length
     over ``cfg.max_positions``.
     """
@@ -129,15 +138,53 @@ def forward(params, ids_BxL, cfg: BertConfig, mask_BxL=None, token_types_BxL=Non
     B, L = ids_BxL.shape
     if L > cfg.max_positions:
         raise ValueError(f"ids_BxL has length {L} > cfg.max_positions={cfg.max_positions}")
-    keep_BxL = jnp.ones((B, L), bool) if mask_BxL is None else jnp.asarray(mask_BxL) > 0
     types_BxL = jnp.zeros((B, L), jnp.int32) if token_types_BxL is None else token_types_BxL
     x_BxLxD = (params["tok_embed"][ids_BxL] + params["pos_embed"][:L][None]
                + params["type_embed"][types_BxL]).astype(jnp.float32)
-    x_BxLxD = layer_norm(x_BxLxD, params["embed_norm_scale"], params["embed_norm_bias"],
-                         cfg.norm_eps)
-    x_BxLxD, _ = jax.lax.scan(lambda x, lp: (_layer(lp, x, keep_BxL, cfg), None), x_BxLxD,
-                              params["layers"])
-    return x_BxLxD
+    return layer_norm(x_BxLxD, params["embed_norm_scale"], params["embed_norm_bias"],
+                      cfg.norm_eps)
+
+
+def encode(params, x_BxLxD, cfg: BertConfig, mask_BxL=None, return_layers: bool = False):
+    """The layers on embedded inputs ``x_BxLxD`` (:func:`embed`'s output, possibly edited):
+    final hidden states ``[B, L, D]`` float32.
+
+    ``mask_BxL`` (1 = real token, 0 = padding; default all real) masks padding keys. With
+    ``return_layers`` returns ``(h_BxLxD, layers_NxBxLxD)``: the ``N = n_layers + 1`` states of
+    the same pass (the input ``x_BxLxD``, then each layer's output; ``layers[-1] == h``), the
+    ``lax.scan`` outputs, so no second forward is run. Raises ValueError for a non-[B, L, D]
+    ``x_BxLxD`` or a ``mask_BxL`` of another [B, L].
+    """
+    x_BxLxD = jnp.asarray(x_BxLxD, jnp.float32)
+    if x_BxLxD.ndim != 3 or x_BxLxD.shape[-1] != cfg.d_model:
+        raise ValueError(f"x_BxLxD must be [batch, length, d_model={cfg.d_model}]; got shape "
+                         f"{x_BxLxD.shape}")
+    B, L, _ = x_BxLxD.shape
+    if mask_BxL is not None and jnp.shape(mask_BxL) != (B, L):
+        raise ValueError(f"mask_BxL must have shape {(B, L)}; got {jnp.shape(mask_BxL)}")
+    keep_BxL = jnp.ones((B, L), bool) if mask_BxL is None else jnp.asarray(mask_BxL) > 0
+
+    def body(x, lp):
+        y = _layer(lp, x, keep_BxL, cfg)
+        return y, (y if return_layers else None)
+
+    h_BxLxD, ys_NxBxLxD = jax.lax.scan(body, x_BxLxD, params["layers"])
+    if not return_layers:
+        return h_BxLxD
+    return h_BxLxD, jnp.concatenate([x_BxLxD[None], ys_NxBxLxD], axis=0)
+
+
+def forward(params, ids_BxL, cfg: BertConfig, mask_BxL=None, token_types_BxL=None,
+            return_layers: bool = False):
+    """Final hidden states ``[B, L, D]`` (float32) of the encoder: ``encode(embed(ids))``.
+
+    ``mask_BxL`` (1 = real token, 0 = padding; default all real) masks padding keys;
+    ``token_types_BxL`` default to 0; ``return_layers``: also every layer's states (see
+    :func:`encode`). Raises ValueError for a non-[B, L] ``ids_BxL`` or a length over
+    ``cfg.max_positions``.
+    """
+    x_BxLxD = embed(params, ids_BxL, cfg, token_types_BxL)
+    return encode(params, x_BxLxD, cfg, mask_BxL, return_layers)
 
 
 def mean_pool(h_BxLxD, mask_BxL):

@@ -39,7 +39,7 @@ from jaxeff.params._linear import linear
 from jaxeff.params._structured import is_structured
 
 __all__ = ["LlamaConfig", "PRESETS", "init_params", "abstract_params", "forward", "loss_fn",
-           "embed", "block", "logits", "param_count", "reference_attention", "project",
+           "forward_embeds", "embed", "block", "logits", "param_count", "reference_attention", "project",
            "next_token_loss"]
 
 
@@ -270,38 +270,64 @@ def logits(params, x_BxLxD, cfg: LlamaConfig):
                       preferred_element_type=jnp.float32)
 
 
-def _defaults(inputs_BxL, segment_ids, positions):
+def _defaults(shape_BxL, segment_ids, positions):
     if segment_ids is None:
-        segment_ids = jnp.ones_like(inputs_BxL, dtype=jnp.int32)
+        segment_ids = jnp.ones(shape_BxL, jnp.int32)
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1], dtype=jnp.int32),
-                                     inputs_BxL.shape)
+        positions = jnp.broadcast_to(jnp.arange(shape_BxL[1], dtype=jnp.int32), shape_BxL)
     return segment_ids, positions
 
 
 def forward(params, inputs_BxL, cfg: LlamaConfig, segment_ids=None, positions=None,
-            attention_fn: Optional[Callable] = None, return_hidden: bool = False):
-    """Logits ``[B, L, V]`` (float32) for integer ``inputs_BxL``.
+            attention_fn: Optional[Callable] = None, return_hidden: bool = False,
+            return_layers: bool = False):
+    """Logits ``[B, L, V]`` (float32) for integer ``inputs_BxL``: :func:`forward_embeds` of
+    :func:`embed`.
 
     ``segment_ids`` (1-based, 0 = padding) default to one segment; ``positions`` default to
     ``0..L-1``. ``attention_fn(q, k, v, segment_ids, *, causal)`` (the signature of
     ``jaxeff.kernels.attention``, so the dispatcher itself can be passed) replaces the default,
-    ``jaxeff.kernels.attention`` with the config's ``impl`` / ``interpret``. With ``return_hidden`` also returns the final
-    hidden states before the norm.
+    ``jaxeff.kernels.attention`` with the config's ``impl`` / ``interpret``. With ``return_hidden``
+    also returns the final hidden states before the norm; with ``return_layers`` also every
+    layer's states (see :func:`forward_embeds`).
     """
     if inputs_BxL.ndim != 2:
         raise ValueError(f"inputs_BxL must be [batch, length]; got shape {inputs_BxL.shape}")
-    segment_ids, positions = _defaults(inputs_BxL, segment_ids, positions)
-    x = embed(params, inputs_BxL, cfg)
+    return forward_embeds(params, embed(params, inputs_BxL, cfg), cfg, segment_ids, positions,
+                          attention_fn, return_hidden, return_layers)
+
+
+def forward_embeds(params, x_BxLxD, cfg: LlamaConfig, segment_ids=None, positions=None,
+                   attention_fn: Optional[Callable] = None, return_hidden: bool = False,
+                   return_layers: bool = False):
+    """Logits ``[B, L, V]`` (float32) for input embeddings ``x_BxLxD`` (:func:`embed`'s output,
+    possibly edited, e.g. with soft prompts prepended by ``jaxeff.params.prepend_prompts``).
+
+    Arguments as :func:`forward`. Returns ``logits``, then ``hidden_BxLxD`` (final states before
+    the norm) when ``return_hidden``, then ``layers_NxBxLxD`` when ``return_layers``: the
+    ``N = n_layers + 1`` states of the same pass (the input, then each block's output;
+    ``layers[-1]`` is the final hidden state), the ``lax.scan`` outputs, so no second forward is
+    run. Raises ValueError for a non-[B, L, D] ``x_BxLxD``.
+    """
+    x = jnp.asarray(x_BxLxD)
+    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"x_BxLxD must be [batch, length, d_model={cfg.d_model}]; got shape "
+                         f"{x.shape}")
+    segment_ids, positions = _defaults(x.shape[:2], segment_ids, positions)
 
     def body(x, lp):
-        return block(lp, x, cfg, segment_ids, positions, attention_fn=attention_fn), None
+        y = block(lp, x, cfg, segment_ids, positions, attention_fn=attention_fn)
+        return y, (y if return_layers else None)
 
     if cfg.remat:
         body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, params["layers"])
-    out = logits(params, x, cfg)
-    return (out, x) if return_hidden else out
+    h, ys = jax.lax.scan(body, x, params["layers"])
+    out = (logits(params, h, cfg),)
+    if return_hidden:
+        out += (h,)
+    if return_layers:
+        out += (jnp.concatenate([x[None], ys], axis=0),)
+    return out if len(out) > 1 else out[0]
 
 
 def cross_entropy(logits_BxLxV, targets_BxL, mask_BxL):

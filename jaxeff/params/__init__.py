@@ -41,6 +41,9 @@ averaging and elastic sub-networks.
 * structured weights: ``materialize``, ``partition`` / ``combine``: ``array_fields``, ``combine``,
   ``is_structured``, ``map_matrices``, ``materialize``, ``MatrixLayout``, ``normal``,
   ``partition``, ``structured_rule``, ``StructuredWeight``, ``trainable_mask``, ``uniform``.
+* soft-prompt tuning, PVP's pre-trained prompts (Lester et al. 2021; PVP 2023):
+  ``init_prompts``, ``prepend_prompts``, ``Prompted``, ``strip_prompts``.
+* UniPT side network on frozen per-layer features (UniPT 2023): ``UniPT``, ``unipt``.
 * function-preserving width growth (Net2Net / bert2BERT): ``GrowthWarning``,
   ``insert_identity_layers``, ``ROLES``, ``widen``, ``dim_axes``, ``explicit_units``.
 """
@@ -79,9 +82,11 @@ from jaxeff.params._quantized import (check_quant_args, codes_per_word, find_par
                                       quantize_codes, QuantizedWeight, rtn, rtn_weight,
                                       stack_quantized, tree_nbytes, unpack, VALID_BITS)
 from jaxeff.params._sltrain import SLTrain, sltrain, sltrain_preset, SLTRAIN_PRESETS, SLTrainWeight
+from jaxeff.params._soft_prompt import init_prompts, prepend_prompts, Prompted, strip_prompts
 from jaxeff.params._structured import (array_fields, combine, is_structured, map_matrices,
                                        materialize, MatrixLayout, normal, partition,
                                        structured_rule, StructuredWeight, trainable_mask, uniform)
+from jaxeff.params._unipt import UniPT, unipt
 from jaxeff.params._widen import (dim_axes, explicit_units, GrowthWarning, insert_identity_layers,
                                   ROLES, widen)
 
@@ -111,6 +116,7 @@ __all__ = [
     "VALID_BITS", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS", "SLTrainWeight",
     "array_fields", "combine", "is_structured", "map_matrices", "materialize", "MatrixLayout",
     "normal", "partition", "structured_rule", "StructuredWeight",
-    "trainable_mask", "uniform", "dim_axes", "explicit_units", "GrowthWarning",
+    "trainable_mask", "uniform", "init_prompts", "prepend_prompts", "Prompted", "strip_prompts",
+    "UniPT", "unipt", "dim_axes", "explicit_units", "GrowthWarning",
     "insert_identity_layers", "ROLES", "widen",
 ]

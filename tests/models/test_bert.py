@@ -73,3 +73,40 @@ def test_pooler_and_errors():
         bert.BertConfig(d_model=10, n_heads=4)
     with pytest.raises(ValueError, match="n_layers"):
         bert.BertConfig(n_layers=0)
+
+
+def test_embed_encode_and_return_layers():
+    """forward = encode(embed(.)); return_layers gives the n_layers + 1 states of that pass."""
+    p = bert.init_params(jax.random.key(0), CFG)
+    ids = np.array(jax.random.randint(jax.random.key(2), (2, 7), 0, 30))
+    mask = np.ones((2, 7), np.int32)
+    mask[1, 4:] = 0
+    h = bert.forward(p, ids, CFG, mask)
+    x = bert.embed(p, ids, CFG)
+    np.testing.assert_array_equal(np.asarray(bert.encode(p, x, CFG, mask)), np.asarray(h))
+    h2, layers = bert.forward(p, ids, CFG, mask, return_layers=True)
+    assert layers.shape == (CFG.n_layers + 1, 2, 7, CFG.d_model)
+    np.testing.assert_array_equal(np.asarray(h2), np.asarray(h))
+    np.testing.assert_array_equal(np.asarray(layers[-1]), np.asarray(h))
+    np.testing.assert_array_equal(np.asarray(layers[0]), np.asarray(x))
+    with pytest.raises(ValueError, match="x_BxLxD must be"):
+        bert.encode(p, x[..., :4], CFG)
+    with pytest.raises(ValueError, match="mask_BxL must have shape"):
+        bert.encode(p, x, CFG, mask[:, :3])
+
+
+def test_lora_applies_unmerged_through_linear():
+    """Every projection goes through jaxeff.params.linear: a LoRA-adapted tree runs unmerged
+    and equals the merged dense model."""
+    from jaxeff.params import LoRA, lora, LoRAWeight
+    p = bert.init_params(jax.random.key(0), CFG)
+    adapted = lora(rank=2, select=r"layers/w").from_dense(jax.random.key(1), p)
+    is_lora = lambda w: isinstance(w, LoRAWeight)  # noqa: E731
+    adapted = jax.tree.map(lambda w: w.replace(B=w.B + 0.1) if is_lora(w) else w, adapted,
+                           is_leaf=is_lora)          # B = 0 at init: make the adapters count
+    ids = np.array(jax.random.randint(jax.random.key(2), (2, 5), 0, 30))
+    merged = LoRA.merge(adapted)
+    assert not np.allclose(np.asarray(bert.forward(merged, ids, CFG)),
+                           np.asarray(bert.forward(p, ids, CFG)))
+    np.testing.assert_allclose(np.asarray(bert.forward(adapted, ids, CFG)),
+                               np.asarray(bert.forward(merged, ids, CFG)), atol=1e-5)

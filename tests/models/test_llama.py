@@ -75,3 +75,21 @@ def test_loss_at_init_is_log_vocab():
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
         CFG.replace(**kw)
+
+
+def test_forward_embeds_and_return_layers():
+    """forward = forward_embeds(embed(.)); return_layers gives the n_layers + 1 states of the
+    same pass, after the final hidden state when return_hidden is also set."""
+    p = llama.init_params(jax.random.key(0), CFG)
+    x = jax.random.randint(jax.random.key(1), (2, 6), 0, 50)
+    out = llama.forward(p, x, CFG)
+    np.testing.assert_array_equal(llama.forward_embeds(p, llama.embed(p, x, CFG), CFG), out)
+    out2, h, layers = llama.forward(p, x, CFG, return_hidden=True, return_layers=True)
+    assert layers.shape == (CFG.n_layers + 1, 2, 6, CFG.d_model)
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(layers[-1], h)
+    np.testing.assert_array_equal(layers[0], llama.embed(p, x, CFG))
+    _, layers2 = llama.forward(p, x, CFG, return_layers=True)
+    np.testing.assert_array_equal(layers2, layers)
+    with pytest.raises(ValueError, match="x_BxLxD must be"):
+        llama.forward_embeds(p, jnp.zeros((2, 6, 5)), CFG)
