@@ -7,6 +7,8 @@ Example::
     tx = jaxeff.optim.galore(1e-3, rank=0.25)            # GaLore-Adam on every weight matrix
     state = tx.init({"w": jax.numpy.ones((8, 4))})
 
+* AccelAT accuracy-gradient learning-rate controller (Nikfam et al. 2023), host side:
+  ``ACCELAT_MODES``, ``accelat``, ``AccelATState``, ``LRController``, ``set_learning_rate``.
 * int8 / FP8 (COAT DRE) compressed optimizer states: ``compress_state``, ``CompressedState``,
   ``dequantize``, ``describe_state``, ``dre_exponent``, ``FORMATS``, ``group_dequantize``,
   ``group_quantize``, ``GroupQuantized``, ``GroupQuantizedDRE``, ``is_quantized``, ``quantize``,
@@ -30,6 +32,8 @@ Example::
 * sparsity schedules (cubic, geometric, Journey-Matters): ``constant_sparsity``,
   ``cubic_sparsity``, ``geometric_sparsity``, ``journey_schedule``, ``journey_window``.
 """
+from jaxeff.optim._accelat import (ACCELAT_MODES, accelat, AccelATState, LRController,
+                                   set_learning_rate)
 from jaxeff.optim._compress import (compress_state, CompressedState, dequantize, describe_state,
                                     dre_exponent, FORMATS, group_dequantize, group_quantize,
                                     GroupQuantized, GroupQuantizedDRE, is_quantized, quantize,
@@ -51,6 +55,7 @@ from jaxeff.optim._sparsity_schedules import (constant_sparsity, cubic_sparsity,
                                               geometric_sparsity, journey_schedule, journey_window)
 
 __all__ = [
+    "ACCELAT_MODES", "accelat", "AccelATState", "LRController", "set_learning_rate",
     "compress_state", "CompressedState", "dequantize", "describe_state", "dre_exponent",
     "FORMATS", "group_dequantize", "group_quantize", "GroupQuantized", "GroupQuantizedDRE",
     "is_quantized", "quantize", "quantize_like", "quantize_state", "galore", "GaLoreState",

@@ -13,10 +13,11 @@ averaging and elastic sub-networks.
   ``prune_depth``, ``pruning_optimizer``, ``sample_layer_mask``, ``temperature_schedule``.
 * elastic sub-networks (Matryoshka / Starbucks): ``elastic_loss``, ``ElasticSize``,
   ``extract_subnetwork``, ``resolve_size``, ``spec_units``.
-* GPTQ (Frantar et al. 2023): ``aligned_block_size``, ``check_hessian``, ``check_ok``,
-  ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
-  ``HessianState``, ``quant_error``.
-* GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
+* GPTQ (Frantar et al. 2023): ``aligned_block_size``, ``check_gptq_inputs``, ``check_hessian``,
+  ``check_ok``, ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_solve_grid`` (any
+  per-column grid), ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
+  ``HessianState``, ``map_solve``, ``quant_error``, ``UniformGrid``.
+* GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``, ``GRIDS``,
   ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``; on a flax NNX
   model without editing its forward: ``gptq_nnx``, ``capture_linear_inputs``.
 * vocabulary extension, embedding rows for new tokens (BIOptimus 2023; Wada et al. 2024):
@@ -33,9 +34,12 @@ averaging and elastic sub-networks.
 * nearest-class-mean classifier: ``add_classes``, ``batch_onehot``, ``ClassMeans``,
   ``init_class_means``, ``linear_logits``, ``METRICS``, ``nmc_head``, ``nmc_predict``,
   ``nmc_scores``, ``update_class_means``.
+* power-of-two weights (ShiftAddViT 2023), RTN and GPTQ-style: ``Pow2Grid``, ``pow2_decode``,
+  ``pow2_encode``, ``pow2_gptq``, ``pow2_gptq_weight``, ``pow2_rtn``, ``pow2_rtn_weight``,
+  ``pow2_scale``, ``Pow2Weight``.
 * RTN quantization and packed codes: ``check_quant_args``, ``codes_per_word``, ``find_params``,
-  ``pack``, ``quantize_codes``, ``QuantizedWeight``, ``rtn``, ``rtn_weight``, ``stack_quantized``,
-  ``tree_nbytes``, ``unpack``, ``VALID_BITS``.
+  ``pack``, ``quantize_codes``, ``quantize_matrices``, ``QuantizedWeight``, ``rtn``,
+  ``rtn_weight``, ``stack_quantized``, ``tree_nbytes``, ``unpack``, ``VALID_BITS``.
 * SLTrain sparse plus low-rank (Han et al. 2024): ``SLTrain``, ``sltrain``, ``sltrain_preset``,
   ``SLTRAIN_PRESETS``, ``SLTrainWeight``.
 * structured weights: ``materialize``, ``partition`` / ``combine``: ``array_fields``, ``combine``,
@@ -61,11 +65,13 @@ from jaxeff.params._depth_prune import (argmax_layer_mask, gated_scan, init_dept
 from jaxeff.params._elastic import (elastic_loss, ElasticSize, extract_subnetwork, resolve_size,
                                     spec_units)
 from jaxeff.params._embedding import extend_embedding, mean_rows, random_rows
-from jaxeff.params._gptq import (aligned_block_size, check_hessian, check_ok, check_solver_args,
-                                 gptq, gptq_solve, gptq_weight, GPTQResult, hessian_init,
-                                 hessian_update, HessianState, quant_error)
+from jaxeff.params._gptq import (aligned_block_size, check_gptq_inputs, check_hessian, check_ok,
+                                 check_solver_args, gptq, gptq_solve, gptq_solve_grid,
+                                 gptq_weight, GPTQResult, hessian_init, hessian_update,
+                                 HessianState, map_solve, quant_error, UniformGrid)
 from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
-                                        LayerwiseModel, list_layers, llama_like, stacked_layerwise)
+                                        GRIDS, LayerwiseModel, list_layers, llama_like,
+                                        stacked_layerwise)
 from jaxeff.params._gptq_nnx import capture_linear_inputs, gptq_nnx
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
                                    stack_depth)
@@ -78,9 +84,12 @@ from jaxeff.params._lowrank import (LowRank, lowrank, LowRankWeight, pela_featur
 from jaxeff.params._nearest_mean import (add_classes, batch_onehot, ClassMeans, init_class_means,
                                          linear_logits, METRICS, nmc_head, nmc_predict, nmc_scores,
                                          update_class_means)
+from jaxeff.params._pow2 import (Pow2Grid, pow2_decode, pow2_encode, pow2_gptq, pow2_gptq_weight,
+                                 pow2_rtn, pow2_rtn_weight, pow2_scale, Pow2Weight)
 from jaxeff.params._quantized import (check_quant_args, codes_per_word, find_params, pack,
-                                      quantize_codes, QuantizedWeight, rtn, rtn_weight,
-                                      stack_quantized, tree_nbytes, unpack, VALID_BITS)
+                                      quantize_codes, quantize_matrices, QuantizedWeight, rtn,
+                                      rtn_weight, stack_quantized, tree_nbytes, unpack,
+                                      VALID_BITS)
 from jaxeff.params._sltrain import SLTrain, sltrain, sltrain_preset, SLTRAIN_PRESETS, SLTrainWeight
 from jaxeff.params._soft_prompt import init_prompts, prepend_prompts, Prompted, strip_prompts
 from jaxeff.params._structured import (array_fields, combine, is_structured, map_matrices,
@@ -100,9 +109,10 @@ __all__ = [
     "prune_depth", "pruning_optimizer", "sample_layer_mask", "temperature_schedule",
     "extend_embedding", "mean_rows", "random_rows",
     "elastic_loss", "ElasticSize", "extract_subnetwork", "resolve_size", "spec_units",
-    "aligned_block_size", "check_hessian", "check_ok", "check_solver_args", "gptq", "gptq_solve",
-    "gptq_weight", "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
-    "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model",
+    "aligned_block_size", "check_gptq_inputs", "check_hessian", "check_ok", "check_solver_args",
+    "gptq", "gptq_solve", "gptq_solve_grid", "gptq_weight", "GPTQResult", "hessian_init",
+    "hessian_update", "HessianState", "map_solve", "quant_error", "UniformGrid",
+    "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model", "GRIDS",
     "gptq_nnx", "LayerwiseModel", "list_layers",
     "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
     "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "linear",
@@ -111,8 +121,10 @@ __all__ = [
     "pela_rank", "pela_weight_perturbation", "resolve_rank", "SVFit", "svfit", "SVFitWeight",
     "truncated_svd", "add_classes", "batch_onehot", "ClassMeans", "init_class_means",
     "linear_logits", "METRICS", "nmc_head", "nmc_predict", "nmc_scores", "update_class_means",
+    "Pow2Grid", "pow2_decode", "pow2_encode", "pow2_gptq", "pow2_gptq_weight", "pow2_rtn",
+    "pow2_rtn_weight", "pow2_scale", "Pow2Weight",
     "check_quant_args", "codes_per_word", "find_params", "pack", "quantize_codes",
-    "QuantizedWeight", "rtn", "rtn_weight", "stack_quantized", "tree_nbytes", "unpack",
+    "quantize_matrices", "QuantizedWeight", "rtn", "rtn_weight", "stack_quantized", "tree_nbytes", "unpack",
     "VALID_BITS", "SLTrain", "sltrain", "sltrain_preset", "SLTRAIN_PRESETS", "SLTrainWeight",
     "array_fields", "combine", "is_structured", "map_matrices", "materialize", "MatrixLayout",
     "normal", "partition", "structured_rule", "StructuredWeight",

@@ -20,6 +20,18 @@ the inverse Hessian ``H = (2/n) X^T X``:
    rows when the solve reaches the group.
 
 The quantizer, the packed leaf and its layout are those of ``jaxeff.params.quantized``.
+
+The OBS update above is independent of the grid the rows are rounded to: :func:`gptq_solve_grid`
+takes a pluggable per-column quantizer, a hashable object (a static argument under ``jit``) with
+two methods (``OUT`` is the number of output columns)::
+
+    params(rows [gs, OUT]) -> tuple of [OUT] arrays    # from a group's error-updated rows
+    quantize(x [OUT], params) -> (code [OUT], x_hat [OUT])   # code: integer-valued float
+
+An all-zero group must keep its params finite and zero rows must quantize to ``x_hat = 0``
+(padding rows rely on it). :class:`UniformGrid` is GPTQ's asymmetric/symmetric int grid
+(:func:`gptq_solve`, :func:`gptq`); ``jaxeff.params.Pow2Grid`` the power-of-two grid
+(``jaxeff.params.pow2_gptq``). This file is the one home of the OBS update.
 Defaults follow the reference code (IST-DASLab ``gptq.py``): ``block_size=128, percdamp=0.01,
 group_size=None, act_order=False``. Everything is jit-able: nested ``lax.fori_loop``s over groups,
 blocks and rows, ``lax.map`` over stacked matrices.
@@ -44,10 +56,11 @@ tokens, so the activations are never kept): ``H_n = (c/(c+m)) H_c + (2/(c+m)) su
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +69,10 @@ import numpy as np
 from jaxeff.params._quantized import (QuantizedWeight, check_quant_args, find_params, pack,
                                       quantize_codes)
 
-__all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "gptq_solve",
-           "gptq_weight", "gptq", "check_ok", "check_hessian", "check_solver_args",
-           "aligned_block_size", "quant_error"]
+__all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "UniformGrid",
+           "gptq_solve_grid", "gptq_solve", "map_solve", "gptq_weight", "gptq", "check_ok",
+           "check_hessian", "check_solver_args", "check_gptq_inputs", "aligned_block_size",
+           "quant_error"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -150,24 +164,51 @@ def _inverse_hessian_factor(h, percdamp):
     return u, ok
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order",
-                                             "sym", "scale_dtype"))
-def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
-               group_size: Optional[int] = None, block_size: int = 128,
-               act_order: bool = False, sym: bool = False, scale_dtype=jnp.float32) -> GPTQResult:
-    """The GPTQ solve for one matrix ``w [IN, OUT]`` with input Hessian ``h [IN, IN]`` (jit-able).
+@dataclasses.dataclass(frozen=True)
+class UniformGrid:
+    """GPTQ's integer grid as a per-column quantizer for :func:`gptq_solve_grid`.
 
-    Algorithm in the module docstring (an all-zero ``h`` gives RTN of ``w``). ``group_size``
-    must already be valid for ``IN``
-    (:func:`jaxeff.params.check_quant_args`); a ragged last group is handled as zero
-    rows with a decoupled unit Hessian. Computes in float32 (float64 when ``w`` is float64).
-    Returns a :class:`GPTQResult`; never raises on singular Hessians (see ``ok``).
+    ``params(rows) = (scale, zero)`` by ``jaxeff.params.find_params`` over the group's rows;
+    ``quantize(x) = (q, scale * (q - zero))`` with ``q = clip(round(x / scale) + zero, 0,
+    2**bits - 1)`` (module docstring of ``jaxeff.params.quantized``).
+    """
+
+    bits: int
+    sym: bool = False
+    scale_dtype: Any = jnp.float32
+
+    def params(self, rows):
+        s, z = find_params(rows, self.bits, self.sym, self.scale_dtype, axis=0)
+        return s[0], z[0]
+
+    def quantize(self, x, params):
+        s, z = params
+        q = quantize_codes(x, s, z, self.bits)
+        return q, s * (q - z)
+
+
+@functools.partial(jax.jit, static_argnames=("quantizer", "group_size", "block_size",
+                                             "act_order"))
+def gptq_solve_grid(w: jax.Array, h: jax.Array, percdamp=0.01, *, quantizer,
+                    group_size: Optional[int] = None, block_size: int = 128,
+                    act_order: bool = False):
+    """The GPTQ (OBS) solve for one matrix ``w [IN, OUT]`` onto any per-column grid (jit-able).
+
+    Algorithm in the module docstring (an all-zero ``h`` gives round-to-nearest of ``w``);
+    ``quantizer`` follows the protocol there (:class:`UniformGrid`, ``jaxeff.params.Pow2Grid``).
+    ``group_size`` must already be valid for ``IN`` (:func:`jaxeff.params.check_quant_args`); a
+    ragged last group is handled as zero rows with a decoupled unit Hessian. Computes in float32
+    (float64 when ``w`` is float64).
+
+    Returns ``(codes, params, perm, ok)``: codes ``[IN, OUT]`` (integer-valued, ``w``'s compute
+    dtype) in stored (permuted) row order; ``params`` the quantizer's tuple, each ``[G, OUT]``;
+    ``perm`` int32 ``[IN]``; ``ok`` False when the damped Hessian is numerically singular (the
+    result is then garbage). Never raises on singular Hessians.
     """
     n_in, n_out = w.shape
     ct = jnp.promote_types(w.dtype, jnp.float32)
     w = w.astype(ct)
     h = h.astype(ct)
-    maxq = 2 ** bits - 1
 
     diag = jnp.diagonal(h)
     empty = jnp.all(diag == 0)          # no calibration token: H = I, i.e. RTN of w
@@ -188,27 +229,24 @@ def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
         bs = aligned_block_size(block_size, gs)
         n_pad = -(-n_in // gs) * gs
         n_pad = -(-n_pad // bs) * bs
-    else:  # one group over everything; zero pad rows never change min(x,0)/max(x,0)
+    else:  # one group over everything; zero pad rows never change a grid's params (protocol)
         bs = min(block_size, n_in)
         n_pad = -(-n_in // bs) * bs
         gs = n_pad
-    # Pad rows: W = 0, U = I (decoupled), so they quantize to the zero point with zero error.
+    # Pad rows: W = 0, U = I (decoupled), so they quantize to zero with zero error.
     w = jnp.pad(w, ((0, n_pad - n_in), (0, 0)))
     u = jax.scipy.linalg.block_diag(u, jnp.eye(n_pad - n_in, dtype=ct)) if n_pad > n_in else u
     n_groups = n_pad // gs
-
-    def params_of(rows):
-        s, z = find_params(rows, bits, sym, scale_dtype, axis=0)
-        return s[0], z[0]
+    params_of = quantizer.params
 
     def row_step(i, carry):
         """Quantize row i of the block, push its error into the later rows of the block."""
-        w1, q1, e1, u1, s, z = carry
+        w1, q1, e1, u1, p = carry
         x = w1[i]
-        q = quantize_codes(x, s, z, bits)
-        err = (x - s * (q - z)) / u1[i, i]
+        q, x_hat = quantizer.quantize(x, p)
+        err = (x - x_hat) / u1[i, i]
         w1 = w1 - u1[i][:, None] * err[None, :]       # U upper-triangular: rows < i untouched
-        return w1, q1.at[i].set(q), e1.at[i].set(err), u1, s, z
+        return w1, q1.at[i].set(q.astype(ct)), e1.at[i].set(err), u1, p
 
     def block_step(i1, w, q_all, rows_fn, extra):
         """Rows i1 .. i1+bs: ``rows_fn`` quantizes them on a working copy (threading ``extra``),
@@ -223,58 +261,90 @@ def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
         w = w - jnp.matmul(u_rows.T, e1, precision=_HI)
         return w, q_all, extra
 
+    def put(p_all, g, p):
+        return tuple(a.at[g].set(b.astype(ct)) for a, b in zip(p_all, p))
+
     q_all = jnp.zeros_like(w)
-    s_all = jnp.broadcast_to(jnp.zeros_like(w[0]), (n_groups, n_out))
-    z_all = s_all
+    shapes = jax.eval_shape(params_of, w[:gs])
+    p_all = tuple(jnp.broadcast_to(jnp.zeros_like(w[0]), (n_groups, n_out)) for _ in shapes)
 
     if gs >= bs:  # groups span whole blocks: params at the group start, all rows updated
         def group_body(g, carry):
-            w, q_all, s_all, z_all = carry
-            s, z = params_of(jax.lax.dynamic_slice(w, (g * gs, 0), (gs, n_out)))
+            w, q_all, p_all = carry
+            p = params_of(jax.lax.dynamic_slice(w, (g * gs, 0), (gs, n_out)))
 
             def rows_fn(w1, u1, q1, e1, extra):
-                w1, q1, e1, _, _, _ = jax.lax.fori_loop(0, bs, row_step, (w1, q1, e1, u1, s, z))
+                w1, q1, e1, _, _ = jax.lax.fori_loop(0, bs, row_step, (w1, q1, e1, u1, p))
                 return w1, q1, e1, extra
 
             def blk(b, c):
                 return block_step(g * gs + b * bs, c[0], c[1], rows_fn, ())[:2]
 
             w, q_all = jax.lax.fori_loop(0, gs // bs, blk, (w, q_all))
-            return w, q_all, s_all.at[g].set(s), z_all.at[g].set(z)
+            return w, q_all, put(p_all, g, p)
 
-        _, q_all, s_all, z_all = jax.lax.fori_loop(0, n_groups, group_body,
-                                                   (w, q_all, s_all, z_all))
+        _, q_all, p_all = jax.lax.fori_loop(0, n_groups, group_body, (w, q_all, p_all))
     else:  # several groups per block: params from the block's updated working copy
         per_block = bs // gs
 
         def blk(b, carry):
-            w, q_all, s_all, z_all = carry
+            w, q_all, p_all = carry
 
-            def rows_fn(w1, u1, q1, e1, sz):
+            def rows_fn(w1, u1, q1, e1, p_all):
                 def grp(k, c):
-                    w1, q1, e1, (s_all, z_all) = c
-                    s, z = params_of(jax.lax.dynamic_slice(w1, (k * gs, 0), (gs, n_out)))
+                    w1, q1, e1, p_all = c
+                    p = params_of(jax.lax.dynamic_slice(w1, (k * gs, 0), (gs, n_out)))
 
                     def row(j, cc):
                         return row_step(k * gs + j, cc)
 
-                    w1, q1, e1, _, _, _ = jax.lax.fori_loop(0, gs, row, (w1, q1, e1, u1, s, z))
-                    g = b * per_block + k
-                    return w1, q1, e1, (s_all.at[g].set(s), z_all.at[g].set(z))
+                    w1, q1, e1, _, _ = jax.lax.fori_loop(0, gs, row, (w1, q1, e1, u1, p))
+                    return w1, q1, e1, put(p_all, b * per_block + k, p)
 
-                return jax.lax.fori_loop(0, per_block, grp, (w1, q1, e1, sz))
+                return jax.lax.fori_loop(0, per_block, grp, (w1, q1, e1, p_all))
 
-            w, q_all, (s_all, z_all) = block_step(b * bs, w, q_all, rows_fn, (s_all, z_all))
-            return w, q_all, s_all, z_all
+            return block_step(b * bs, w, q_all, rows_fn, p_all)
 
-        _, q_all, s_all, z_all = jax.lax.fori_loop(0, n_pad // bs, blk,
-                                                   (w, q_all, s_all, z_all))
+        _, q_all, p_all = jax.lax.fori_loop(0, n_pad // bs, blk, (w, q_all, p_all))
 
     n_real_groups = -(-n_in // gs) if grouped else 1
-    return GPTQResult(codes=q_all[:n_in].astype(jnp.int32),
-                      scale=s_all[:n_real_groups].astype(jnp.float32),
-                      zero=jnp.clip(z_all[:n_real_groups], 0, maxq).astype(jnp.float32),
-                      perm=perm, ok=ok)
+    return q_all[:n_in], tuple(p[:n_real_groups] for p in p_all), perm, ok
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group_size", "block_size", "act_order",
+                                             "sym", "scale_dtype"))
+def gptq_solve(w: jax.Array, h: jax.Array, percdamp=0.01, *, bits: int,
+               group_size: Optional[int] = None, block_size: int = 128,
+               act_order: bool = False, sym: bool = False, scale_dtype=jnp.float32) -> GPTQResult:
+    """The GPTQ solve for one matrix ``w [IN, OUT]`` onto the int grid (jit-able).
+
+    :func:`gptq_solve_grid` with ``UniformGrid(bits, sym, scale_dtype)`` (GPTQ's quantizer;
+    an all-zero ``h`` gives RTN of ``w``). ``group_size`` must already be valid for ``IN``
+    (:func:`jaxeff.params.check_quant_args`). Returns a :class:`GPTQResult`; never raises on
+    singular Hessians (see ``ok``).
+    """
+    grid = UniformGrid(int(bits), bool(sym), jnp.dtype(scale_dtype))
+    codes, (scale, zero), perm, ok = gptq_solve_grid(
+        w, h, percdamp, quantizer=grid, group_size=group_size, block_size=block_size,
+        act_order=act_order)
+    return GPTQResult(codes=codes.astype(jnp.int32), scale=scale.astype(jnp.float32),
+                      zero=jnp.clip(zero, 0, 2 ** bits - 1).astype(jnp.float32), perm=perm,
+                      ok=ok)
+
+
+def map_solve(solve, w: jax.Array, h: jax.Array):
+    """``solve(w_i, h_i)`` for each matrix of ``w [..., IN, OUT]`` / ``h [..., IN, IN]``.
+
+    One matrix at a time (``lax.map``: the memory of one solve, and a smaller program than
+    ``vmap``); the result pytree gets ``w``'s leading axes back.
+    """
+    batch, n_in = w.shape[:-2], w.shape[-2]
+    wf, hf = w.reshape(-1, *w.shape[-2:]), h.reshape(-1, n_in, n_in)
+    if wf.shape[0] == 1:
+        res = jax.tree.map(lambda x: x[None], solve(wf[0], hf[0]))
+    else:
+        res = jax.lax.map(lambda wh: solve(wh[0], wh[1]), (wf, hf))
+    return jax.tree.map(lambda x: x.reshape(*batch, *x.shape[1:]), res)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "stored_group_size",
@@ -283,27 +353,47 @@ def gptq_weight(w, h, percdamp=0.01, *, bits, group_size, stored_group_size, blo
                 act_order=False, sym=False, scale_dtype=jnp.float32):
     """Jit-able GPTQ of ``w [..., IN, OUT]`` into ``(QuantizedWeight, ok)``, without checks.
 
-    :func:`gptq_solve` mapped (``lax.map``) over the leading axes, then packed.
+    :func:`gptq_solve` mapped over the leading axes (:func:`map_solve`), then packed.
     ``stored_group_size`` is the validated group size (``IN`` when ungrouped); ``ok`` is False
     when a Hessian is singular.
     Use :func:`gptq` outside ``jit``: it validates arguments and raises on ``not ok``.
     """
-    batch, n_in = w.shape[:-2], w.shape[-2]
-    solve = functools.partial(gptq_solve, bits=bits, group_size=group_size,
+    solve = functools.partial(gptq_solve, percdamp=percdamp, bits=bits, group_size=group_size,
                               block_size=block_size, act_order=act_order, sym=sym,
                               scale_dtype=scale_dtype)
-    wf, hf = w.reshape(-1, *w.shape[-2:]), h.reshape(-1, n_in, n_in)
-    if wf.shape[0] == 1:
-        res = jax.tree.map(lambda x: x[None], solve(wf[0], hf[0], percdamp))
-    else:  # one matrix at a time: memory of one solve, and a smaller program than vmap
-        res = jax.lax.map(lambda wh: solve(wh[0], wh[1], percdamp), (wf, hf))
-    r = lambda x: x.reshape(*batch, *x.shape[1:])  # noqa: E731
+    res = map_solve(solve, w, h)
     qw = QuantizedWeight(
-        packed=r(pack(res.codes, bits)), scale=r(res.scale.astype(scale_dtype)),
-        zero=r(res.zero.astype(jnp.uint8)), perm=r(res.perm), shape=tuple(w.shape),
+        packed=pack(res.codes, bits), scale=res.scale.astype(scale_dtype),
+        zero=res.zero.astype(jnp.uint8), perm=res.perm, shape=tuple(w.shape),
         dtype=jnp.dtype(w.dtype).name, bits=bits, group_size=stored_group_size,
         act_order=act_order)
-    return qw, r(res.ok)
+    return qw, res.ok
+
+
+def check_gptq_inputs(w, h, bits, group_size, block_size, percdamp, pad, name=None):
+    """The host-side checks of :func:`gptq` (and ``jaxeff.params.pow2_gptq``) before a solve.
+
+    Returns ``(w, h, stored_group_size)`` with ``h`` unwrapped from a :class:`HessianState`.
+    Raises ``ValueError`` for a ``w`` with fewer than 2 axes, an ``h`` of the wrong shape, bad
+    ``bits``/``group_size``/``block_size``/``percdamp``, or -- outside a trace -- NaN/inf in
+    ``h`` or ``w``; warns for an all-zero ``h`` (:func:`check_hessian`).
+    """
+    if isinstance(h, HessianState):
+        h = h.h
+    w = jnp.asarray(w)
+    h = jnp.asarray(h)
+    if w.ndim < 2:
+        raise ValueError(f"w must have at least 2 axes [..., IN, OUT]; got shape {w.shape}")
+    n_in = w.shape[-2]
+    if h.shape != (*w.shape[:-2], n_in, n_in):
+        raise ValueError(f"h must have shape {(*w.shape[:-2], n_in, n_in)} for w of shape "
+                         f"{w.shape}; got {h.shape}")
+    gs = check_quant_args(bits, group_size, n_in, pad)
+    check_solver_args(block_size, percdamp)
+    check_hessian(h, name)
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"w{_where(name)} holds NaN/inf values; GPTQ needs a finite weight")
+    return w, h, gs
 
 
 def gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *, block_size: int = 128,
@@ -328,21 +418,7 @@ def gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *, block_
     numerically singular (module docstring; increase ``percdamp``). Under ``jit`` these checks
     are skipped; use :func:`gptq_weight`'s ``ok``.
     """
-    if isinstance(h, HessianState):
-        h = h.h
-    w = jnp.asarray(w)
-    h = jnp.asarray(h)
-    if w.ndim < 2:
-        raise ValueError(f"w must have at least 2 axes [..., IN, OUT]; got shape {w.shape}")
-    n_in = w.shape[-2]
-    if h.shape != (*w.shape[:-2], n_in, n_in):
-        raise ValueError(f"h must have shape {(*w.shape[:-2], n_in, n_in)} for w of shape "
-                         f"{w.shape}; got {h.shape}")
-    gs = check_quant_args(bits, group_size, n_in, pad)
-    check_solver_args(block_size, percdamp)
-    check_hessian(h, name)
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-        raise ValueError(f"w{_where(name)} holds NaN/inf values; GPTQ needs a finite weight")
+    w, h, gs = check_gptq_inputs(w, h, bits, group_size, block_size, percdamp, pad, name)
     qw, ok = gptq_weight(w, h, percdamp, bits=int(bits), group_size=group_size,
                          stored_group_size=gs, block_size=int(block_size),
                          act_order=bool(act_order), sym=bool(sym),

@@ -37,14 +37,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxeff._checks import check_choice
 from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_solver_args,
                                  gptq_weight, hessian_update, quant_error)
-from jaxeff.params._quantized import QuantizedWeight, check_quant_args, stack_quantized
-from jaxeff.params._structured import is_structured
+from jaxeff.params._pow2 import pow2_gptq_weight
+from jaxeff.params._quantized import check_quant_args, stack_quantized
+from jaxeff.params._structured import array_fields, is_structured
 from jaxeff.select import Selector, flatten_with_paths, select_mask
 
 __all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "gptq_model",
-           "calibration_batches", "default_token_mask"]
+           "calibration_batches", "default_token_mask", "GRIDS"]
+
+#: Value grids of :func:`gptq_model`: GPTQ's int grid (``QuantizedWeight``) and the
+#: power-of-two grid of ShiftAddViT (``Pow2Weight``, ``jaxeff.params.pow2_gptq``).
+GRIDS = ("int", "pow2")
 
 
 def calibration_batches(n_segments: int = 128, seq_len: int = 256, batch_size: int = 16, *,
@@ -107,7 +113,7 @@ class LayerwiseModel:
 
 
 def _stack_leaves(*xs):
-    if isinstance(xs[0], QuantizedWeight):
+    if is_structured(xs[0]):
         return stack_quantized(xs)
     return jnp.stack(xs)
 
@@ -235,12 +241,12 @@ def _set(tree, path, value):
     return out
 
 
-def _split_out(qw: QuantizedWeight, sizes):
-    """Split a quantized ``[..., IN, sum(sizes)]`` weight along OUT (codes, scales, zeros)."""
+def _split_out(qw, sizes):
+    """Split a packed ``[..., IN, sum(sizes)]`` weight along OUT (every field but ``perm``)."""
     parts, start = [], 0
     for size in sizes:
-        sl = lambda x: x[..., start:start + size]  # noqa: E731
-        parts.append(qw.replace(packed=sl(qw.packed), scale=sl(qw.scale), zero=sl(qw.zero),
+        parts.append(qw.replace(**{f: getattr(qw, f)[..., start:start + size]
+                                   for f in array_fields(qw) if f != "perm"},
                                 shape=(*qw.shape[:-1], size)))
         start += size
     return parts
@@ -299,16 +305,19 @@ def _accumulate_fn(layer, keys):
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "pad", "block_size",
-                                             "act_order", "sym", "scale_dtype"))
+                                             "act_order", "sym", "scale_dtype", "grid"))
 def _solve_members(ws, hess, percdamp, *, bits, group_size, pad, block_size, act_order, sym,
-                   scale_dtype):
+                   scale_dtype, grid="int"):
     """GPTQ of the weights sharing one input Hessian: GPTQ treats output columns independently
     given H, so they are solved as one matrix concatenated along OUT, then split."""
     w = jnp.concatenate(ws, axis=-1) if len(ws) > 1 else ws[0]
-    qw, ok = gptq_weight(w, hess, percdamp, bits=bits, group_size=group_size,
-                         stored_group_size=check_quant_args(bits, group_size, w.shape[-2], pad),
-                         block_size=block_size, act_order=act_order, sym=sym,
-                         scale_dtype=scale_dtype)
+    kw = dict(bits=bits, group_size=group_size,
+              stored_group_size=check_quant_args(bits, group_size, w.shape[-2], pad),
+              block_size=block_size, act_order=act_order, scale_dtype=scale_dtype)
+    if grid == "pow2":
+        qw, ok = pow2_gptq_weight(w, hess, percdamp, **kw)
+    else:
+        qw, ok = gptq_weight(w, hess, percdamp, sym=sym, **kw)
     parts = _split_out(qw, [x.shape[-1] for x in ws]) if len(ws) > 1 else [qw]
     w_hats = [q.materialize() for q in parts]
     errs = [quant_error(x, x_hat, hess) for x, x_hat in zip(ws, w_hats)]
@@ -320,7 +329,7 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
                block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
                sym: bool = False, pad: bool = False, scale_dtype=jnp.float32,
                true_sequential: bool = False, progress: bool = True,
-               return_stats: bool = False):
+               return_stats: bool = False, grid: str = "int"):
     """GPTQ-quantize the linear weights of a model sequentially, layer by layer.
 
     Procedure in the module docstring (Frantar et al., 2023). Args:
@@ -336,15 +345,23 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
       true_sequential: re-capture inputs after each group of weights sharing an input (False).
       progress: show a tqdm bar over layers (True).
       return_stats: also return ``{'seconds', 'errors': [(layer, name, tr(dW^T H dW))]}``.
+      grid: ``'int'`` (default: GPTQ's grid, ``QuantizedWeight``) or ``'pow2'`` (power-of-two
+        values, ``Pow2Weight``: ``jaxeff.params.pow2_gptq``; symmetric by construction, so
+        ``sym`` must stay False).
 
-    Returns the params with each quantized weight replaced by a ``QuantizedWeight`` (stacked
-    layouts give stacked leaves). Peak extra memory: one layer's Hessians plus the calibration
-    activations of one layer boundary.
+    Returns the params with each quantized weight replaced by a ``QuantizedWeight`` (a
+    ``Pow2Weight`` for ``grid='pow2'``; stacked layouts give stacked leaves). Peak extra
+    memory: one layer's Hessians plus the calibration activations of one layer boundary.
 
     Raises ``ValueError`` for bad quantization arguments, empty ``calib``, a selector matching no
-    leaf, a selector picking leaves whose input no layer captures, or a singular Hessian.
+    leaf, a selector picking leaves whose input no layer captures, an unknown ``grid`` (or
+    ``sym=True`` with ``'pow2'``), or a singular Hessian.
     """
     t0 = time.perf_counter()
+    check_choice("grid", grid, GRIDS)
+    if grid == "pow2" and sym:
+        raise ValueError("sym=True does not apply to grid='pow2' (sign-magnitude codes are "
+                         "symmetric by construction); leave sym=False")
     check_quant_args(bits, None, 1, pad)
     check_solver_args(block_size, percdamp)
     batches = list(calib)
@@ -382,9 +399,9 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
     solve = functools.partial(_solve_members, bits=int(bits), group_size=group_size,
                               pad=bool(pad), block_size=int(block_size),
                               act_order=bool(act_order), sym=bool(sym),
-                              scale_dtype=jnp.dtype(scale_dtype))
+                              scale_dtype=jnp.dtype(scale_dtype), grid=grid)
     qlayers, errors = [], []
-    bar = tqdm(range(n_layers), desc=f"GPTQ {bits}-bit", disable=not progress)
+    bar = tqdm(range(n_layers), desc=f"GPTQ {bits}-bit {grid}", disable=not progress)
     for i in bar:
         lp = model.get_layer(params, i)
         names, groups, rep, width, chosen = plan[i]

@@ -63,14 +63,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.kernels import dequant_matmul as _dq
-from jaxeff.params._structured import StructuredWeight, is_structured, structured_rule
+from jaxeff.params._structured import (StructuredWeight, array_fields, is_structured,
+                                       structured_rule)
 from jaxeff.select import (MatrixLayout, Selector, flatten_with_paths, is_weight_matrix,
                            matrix_axes_values, select_mask)
 from jaxeff.state_sharding import axis_names, register_rule
 
 __all__ = ["QuantizedWeight", "VALID_BITS", "codes_per_word", "pack", "unpack", "find_params",
-           "quantize_codes", "rtn_weight", "rtn", "stack_quantized", "tree_nbytes",
-           "check_quant_args"]
+           "quantize_codes", "rtn_weight", "rtn", "quantize_matrices", "stack_quantized",
+           "tree_nbytes", "check_quant_args", "quantized_field_specs", "unpermute_rows"]
 
 VALID_BITS = (2, 3, 4, 8)
 
@@ -184,11 +185,12 @@ class QuantizedWeight(StructuredWeight):
         return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _quantized_specs(w, dense_spec, b, in_spec, out_spec, mesh):
+def quantized_field_specs(w, dense_spec, b, in_spec, out_spec, mesh):
     """Sharding (``jaxeff.state_sharding``) from the dense ``[..., IN, OUT]`` spec: ``packed
     [b, IN/P, OUT]`` and ``scale`` / ``zero [b, G, OUT]`` keep the ``OUT`` spec and shard their
     packed / grouped ``IN`` axis as the dense ``IN`` only when every shard holds whole words /
-    groups (else that axis is replicated); ``perm [b, IN]`` shards ``IN``."""
+    groups (else that axis is replicated); ``perm [b, IN]`` shards ``IN``. Serves every packed
+    layout with these fields (``QuantizedWeight``, ``Pow2Weight``: fields it lacks are unused)."""
     names = axis_names(in_spec)
     size = math.prod(mesh.shape.get(n, 0) for n in names) if names else 0
     n_in = w.shape[-2]
@@ -201,7 +203,7 @@ def _quantized_specs(w, dense_spec, b, in_spec, out_spec, mesh):
                 zero=b + (whole(w.group_size), out_spec), perm=b + (in_spec,))
 
 
-register_rule(QuantizedWeight, structured_rule(_quantized_specs))
+register_rule(QuantizedWeight, structured_rule(quantized_field_specs))
 
 
 @jax.jit
@@ -209,9 +211,14 @@ def _dequantize(qw: QuantizedWeight) -> jax.Array:
     # jit so that eager calls compile once per layout instead of once per primitive.
     w = _stored_matrix(qw, jnp.float32)
     if qw.act_order:
-        inv = jnp.argsort(qw.perm, axis=-1)
-        w = jnp.take_along_axis(w, inv[..., :, None], axis=-2)
+        w = unpermute_rows(w, qw.perm)
     return w.astype(jnp.dtype(qw.dtype))
+
+
+def unpermute_rows(w_stored: jax.Array, perm: jax.Array) -> jax.Array:
+    """Original row order from stored order: ``W[..., perm[r], :] = w_stored[..., r, :]``."""
+    inv = jnp.argsort(perm, axis=-1)
+    return jnp.take_along_axis(w_stored, inv[..., :, None], axis=-2)
 
 
 def _stored_matrix(qw: QuantizedWeight, dtype) -> jax.Array:
@@ -315,6 +322,20 @@ def rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = 
     a floating array with at least 2 axes, for bad ``bits``/``group_size`` or bad ``matrix_axes``.
     """
     _check_bits(bits)
+    return quantize_matrices(
+        params, lambda m: rtn_weight(m, bits, group_size, sym=sym, pad=pad,
+                                     scale_dtype=scale_dtype), select, matrix_axes)
+
+
+def quantize_matrices(params, quantize, select: Selector = None, matrix_axes=None):
+    """Replace each selected matrix of ``params`` by ``quantize(matrix [..., IN, OUT])``.
+
+    The tree walk of :func:`rtn` (and ``jaxeff.params.pow2_rtn``): ``select`` / ``matrix_axes``
+    as there; a leaf whose matrix view is not its own layout is quantized in matrix form and the
+    result gets ``layout`` (a structured weight with a ``layout`` field maps back in
+    ``materialize``). Raises ``ValueError`` when ``select`` matches no leaf, or an explicitly
+    selected leaf is not a floating array with at least 2 axes.
+    """
     mask = select_mask(is_weight_matrix if select is None else select, params,
                        is_leaf=is_structured)
     flat, treedef = flatten_with_paths(params, is_leaf=is_structured)
@@ -332,8 +353,7 @@ def rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = 
         if sel:
             lay = MatrixLayout.for_leaf(path, leaf.shape, ax)
             plain = lay == MatrixLayout.default(leaf.shape)
-            qw = rtn_weight(leaf if plain else lay.to_matrix(leaf), bits, group_size, sym=sym,
-                            pad=pad, scale_dtype=scale_dtype)
+            qw = quantize(leaf if plain else lay.to_matrix(leaf))
             out.append(qw if plain else qw.replace(layout=lay))
             n_done += 1
         else:
@@ -343,26 +363,31 @@ def rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = 
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def stack_quantized(leaves: Sequence[QuantizedWeight]) -> QuantizedWeight:
-    """Stack same-config :class:`QuantizedWeight`s along a new axis 0 (shape ``[n, *shape]``).
+def stack_quantized(leaves: Sequence[StructuredWeight]) -> StructuredWeight:
+    """Stack same-config packed leaves along a new axis 0 (shape ``[n, *shape]``).
 
-    Raises ``ValueError`` when the leaves differ in shape, dtype, bits, group size or act-order.
+    Leaves are :class:`QuantizedWeight`s or ``Pow2Weight``s, all of one class; every array field
+    is stacked. Raises ``ValueError`` when the leaves differ in class, shape, dtype, bits, group
+    size or act-order, or carry a ``layout``.
     """
     if not leaves:
         raise ValueError("stack_quantized needs at least one leaf")
     first = leaves[0]
-    if any(isinstance(q, QuantizedWeight) and q.layout is not None for q in leaves):
+    if not (is_structured(first) and hasattr(first, "packed")):
+        raise ValueError(f"stack_quantized needs QuantizedWeight / Pow2Weight leaves; leaves[0] "
+                         f"is {type(first).__name__}")
+    if any(getattr(q, "layout", None) is not None for q in leaves):
         raise ValueError("stack_quantized needs [..., IN, OUT] leaves (layout None); quantize the "
                          "stacked dense leaf instead")
-    key = lambda q: (q.shape, q.dtype, q.bits, q.group_size, q.act_order)  # noqa: E731
+    key = lambda q: (type(q).__name__, q.shape, q.dtype, q.bits, q.group_size,  # noqa: E731
+                     q.act_order)
     for i, q in enumerate(leaves):
-        if not isinstance(q, QuantizedWeight) or key(q) != key(first):
+        if type(q) is not type(first) or key(q) != key(first):
             raise ValueError(f"leaves[{i}] does not match leaves[0]: "
-                             f"{key(q) if isinstance(q, QuantizedWeight) else type(q)} vs "
+                             f"{key(q) if type(q) is type(first) else type(q).__name__} vs "
                              f"{key(first)}")
-    stack = lambda name: jnp.stack([getattr(q, name) for q in leaves])  # noqa: E731
-    return first.replace(packed=stack("packed"), scale=stack("scale"), zero=stack("zero"),
-                         perm=stack("perm"), shape=(len(leaves), *first.shape))
+    return first.replace(**{f: jnp.stack([getattr(q, f) for q in leaves])
+                            for f in array_fields(first)}, shape=(len(leaves), *first.shape))
 
 
 def tree_nbytes(tree) -> int:
