@@ -4,6 +4,8 @@
                                                      # RTN at 4 and 3 bits, error feedback at 4
     python -m experiments.study_pow2 --ef-bits 3     # whole-model error feedback at 3 bits
     python -m experiments.study_pow2 --smoke         # 2 layers, 1 bit width, no whole-model EF
+    python -m experiments.study_pow2 --search 8 --ef-bits '' \
+        --out experiments/results/study_pow2_search8.json   # pow2 with the scale search
 
 Formats (group size 128 along the input dimension, ``pad=True``; 128 does not divide 576):
 
@@ -13,7 +15,8 @@ Formats (group size 128 along the input dimension, ``pad=True``; 128 does not di
             Primitives Towards Efficient Vision Transformer", You et al., 2023), sign and
             exponent codes with an explicit zero, ``jaxeff.params.pow2_rtn`` /
             ``gptq_model(grid='pow2')`` (15 values at 4 bits: 0, +-2^0..2^-6 times the group's
-            max; 7 at 3 bits: 0, +-1, +-1/2, +-1/4), a float scale per group;
+            max; 7 at 3 bits: 0, +-1, +-1/2, +-1/4), a float scale per group (``--search 8``:
+            the best of 8 scales over one octave per group, an option beyond the paper);
 
 each by round-to-nearest (RTN) and by GPTQ's error feedback (EF; "GPTQ", Frantar et al. 2023:
 sequential over layers, percdamp 0.01, no act-order).
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -57,7 +61,7 @@ def _load():
     return f"{os.getloadavg()[0]:.1f}"
 
 
-def layer_errors(params, cfg, fit, held, layers, bits_list, log):
+def layer_errors(params, cfg, fit, held, layers, bits_list, log, search=1):
     """Relative layer output error of each weight of ``layers`` for the four quantizers.
 
     ``H_fit`` (from the ``fit`` batches) drives the error feedback; the error is measured with
@@ -84,8 +88,8 @@ def layer_errors(params, cfg, fit, held, layers, bits_list, log):
     quantizers = {
         "int_rtn": lambda w, h, b: rtn_weight(w, b, 128, pad=True),
         "int_ef": lambda w, h, b: gptq(w, h, b, 128, pad=True),
-        "pow2_rtn": lambda w, h, b: pow2_rtn_weight(w, b, 128, pad=True),
-        "pow2_ef": lambda w, h, b: pow2_gptq(w, h, b, 128, pad=True),
+        "pow2_rtn": lambda w, h, b: pow2_rtn_weight(w, b, 128, pad=True, search=search),
+        "pow2_ef": lambda w, h, b: pow2_gptq(w, h, b, 128, pad=True, search=search),
     }
     out = []
     for i in range(max(layers) + 1):
@@ -118,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--layers", default="0,29")
     ap.add_argument("--layer-calib", type=int, default=32)
     ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--search", type=int, default=1, help="pow2 scale search: the best of N "
+                    "scales over one octave (1: the max scale); layer study and RTN only")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="tinyshakespeare.txt (default: "
@@ -132,6 +138,9 @@ def main(argv=None):
         args.out = args.out.replace(".json", "_smoke.json")
     bits_list = [int(b) for b in args.bits.split(",") if b]
     ef_bits = [int(b) for b in args.ef_bits.split(",") if b]
+    if args.search > 1 and ef_bits:
+        ap.error("--search > 1 runs the layer study and RTN only (gptq_model has no search "
+                 "option): pass --ef-bits ''")
     layers = [int(i) for i in args.layers.split(",")]
 
     import jax
@@ -153,7 +162,7 @@ def main(argv=None):
     rows = [{"inputs": b["inputs"][r:r + 4]} for b in calib for r in range(0, 16, 4)]
     n_l = max(1, args.layer_calib // 4)
     lcal, lheld = rows[:n_l], rows[n_l:2 * n_l]
-    layer_rows = layer_errors(params, cfg, lcal, lheld, layers, bits_list, log)
+    layer_rows = layer_errors(params, cfg, lcal, lheld, layers, bits_list, log, args.search)
     layer_cost = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     log(f"layer errors: {layer_cost}")
 
@@ -172,7 +181,7 @@ def main(argv=None):
         log(json.dumps(r))
 
     for bits in bits_list:
-        for grid, fn in (("int", rtn), ("pow2", pow2_rtn)):
+        for grid, fn in (("int", rtn), ("pow2", functools.partial(pow2_rtn, search=args.search))):
             t0, c0 = time.perf_counter(), time.process_time()
             q = jax.block_until_ready(fn(params, bits, 128, select=SELECT, pad=True))
             record(grid, "rtn", bits, q, t0, c0)
@@ -188,7 +197,7 @@ def main(argv=None):
         "study": "pow2", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m experiments.study_pow2 " + " ".join(argv or sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, shared (wall times inflated)",
-        "fp32_loss": fp32, "eval_tokens": len(eval_ids),
+        "fp32_loss": fp32, "eval_tokens": len(eval_ids), "pow2_search": args.search,
         "calib_tokens": int(sum(b["inputs"].size for b in calib)), "group_size": 128,
         "layer_calib_segments": sum(b["inputs"].shape[0] for b in lcal),
         "layer_heldout_segments": sum(b["inputs"].shape[0] for b in lheld),

@@ -31,6 +31,12 @@ Quantizer (per group of input rows, per output column)::
                                   put it at sqrt(2) * 2^j); ties go to the larger magnitude
     m = clip(k + M, 1, M)  if r >= 2^(-M) (half the smallest level; tie -> that level), else 0
 
+Scale search (option ``search = n > 1``, not in the paper): the max scale wastes the top octave on
+the few weights near the maximum (no level between ``scale/2`` and ``scale``). Multiplying the
+scale by 2 only shifts the levels, so the candidates ``scale_j = max |x| * 2^(-j/n)``,
+``j = 0 .. n-1``, one octave, hold every distinct grid; each group and column takes the one of
+least squared rounding error ``sum (x - Q(x))^2`` (weights above it clip to it).
+
 Round-to-nearest (:func:`pow2_rtn`) is this quantizer; the GPTQ-style error-feedback variant
 (:func:`pow2_gptq`, :func:`jaxeff.params.gptq_model` with ``grid='pow2'``) runs GPTQ's OBS
 update (``jaxeff.params.gptq_solve_grid``, the one home of it) with :class:`Pow2Grid` as the
@@ -57,7 +63,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxeff.params._gptq import (check_gptq_inputs, check_ok, gptq_solve_grid, map_solve)
+from jaxeff._checks import check_int
+from jaxeff.params._gptq import check_gptq_inputs, check_ok, gptq_solve_grid, map_solve
 from jaxeff.params._quantized import (check_quant_args, pack, quantize_matrices,
                                       quantized_field_specs, unpack, unpermute_rows)
 from jaxeff.params._structured import StructuredWeight, check_single_matrix, structured_rule
@@ -72,15 +79,26 @@ def _max_field(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def pow2_scale(x: jax.Array, scale_dtype=jnp.float32, axis: int = -2) -> jax.Array:
+def pow2_scale(x: jax.Array, scale_dtype=jnp.float32, axis: int = -2, *,
+               bits: Optional[int] = None, search: int = 1) -> jax.Array:
     """``scale = max |x|`` over ``axis`` (kept), rounded to ``scale_dtype``; 1 where all zero.
 
-    Returned as float32 (float64 for float64 ``x``).
+    With ``search > 1`` (needs ``bits``): the candidate ``max |x| * 2^(-j/search)``, ``j <
+    search``, of least squared rounding error over ``axis`` (module docstring). Returned as
+    float32 (float64 for float64 ``x``).
     """
     ct = jnp.promote_types(x.dtype, jnp.float32)
-    s = jnp.max(jnp.abs(x.astype(ct)), axis=axis, keepdims=True)
+    x = x.astype(ct)
+    s = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     s = jnp.where(s == 0, 1.0, s)
-    return s.astype(scale_dtype).astype(ct)
+    if search == 1:
+        return s.astype(scale_dtype).astype(ct)
+    frac = jnp.exp2(-jnp.arange(search, dtype=ct) / search).reshape((search,) + (1,) * x.ndim)
+    cands = (s[None] * frac).astype(scale_dtype).astype(ct)           # [search, ...kept]
+    err = jnp.sum((x[None] - pow2_decode(pow2_encode(x[None], cands, bits), cands, bits, ct))
+                  ** 2, axis=axis if axis < 0 else axis + 1, keepdims=True)
+    best = jnp.argmin(err, axis=0)[None]
+    return jnp.take_along_axis(cands, best, axis=0)[0]
 
 
 def pow2_encode(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
@@ -119,15 +137,18 @@ def pow2_decode(codes: jax.Array, scale: jax.Array, bits: int, dtype=jnp.float32
 class Pow2Grid:
     """The power-of-two grid as a per-column quantizer for ``jaxeff.params.gptq_solve_grid``.
 
-    ``params(rows) = (scale,)`` with ``scale = max |rows|`` per column (:func:`pow2_scale`);
-    ``quantize(x, (scale,)) = (code, decode(code))`` (:func:`pow2_encode` / :func:`pow2_decode`).
+    ``params(rows) = (scale,)`` with ``scale = max |rows|`` per column, or the best of
+    ``search`` candidates (:func:`pow2_scale`); ``quantize(x, (scale,)) = (code, decode(code))``
+    (:func:`pow2_encode` / :func:`pow2_decode`).
     """
 
     bits: int
     scale_dtype: Any = jnp.float32
+    search: int = 1
 
     def params(self, rows):
-        return (pow2_scale(rows, self.scale_dtype, axis=0)[0],)
+        return (pow2_scale(rows, self.scale_dtype, axis=0, bits=self.bits,
+                           search=self.search)[0],)
 
     def quantize(self, x, params):
         (scale,) = params
@@ -206,13 +227,14 @@ def _check_finite(w, what="w"):
 
 
 def pow2_rtn_weight(w: jax.Array, bits: int, group_size: Optional[int] = None, *,
-                    pad: bool = False, scale_dtype=jnp.float32) -> Pow2Weight:
+                    pad: bool = False, scale_dtype=jnp.float32, search: int = 1) -> Pow2Weight:
     """Round-to-nearest power-of-two quantization of one (possibly stacked) ``w [..., IN, OUT]``.
 
     Per group of ``group_size`` input rows and output column: ``scale = max |w|``, each weight to
     the nearest of ``0, +-scale * 2^-j`` (module docstring; ShiftAddViT, You et al. 2023).
     Args: ``bits`` in {2, 3, 4, 8}; ``group_size`` (default None: one group over IN); ``pad``
-    (default False: allow a ragged last group); ``scale_dtype`` (default float32).
+    (default False: allow a ragged last group); ``scale_dtype`` (default float32); ``search``
+    (default 1: the max scale; n > 1: the best of n scales over one octave, module docstring).
     Raises ``ValueError`` for bad arguments, a leaf with fewer than 2 axes or NaN/inf values.
     """
     w = jnp.asarray(w)
@@ -222,17 +244,18 @@ def pow2_rtn_weight(w: jax.Array, bits: int, group_size: Optional[int] = None, *
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"w must be floating point; got dtype {w.dtype}")
     _check_finite(w)
-    return _rtn_jit(w, bits=int(bits), gs=gs, scale_dtype=jnp.dtype(scale_dtype))
+    return _rtn_jit(w, bits=int(bits), gs=gs, scale_dtype=jnp.dtype(scale_dtype),
+                    search=check_int("search", search, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "gs", "scale_dtype"))
-def _rtn_jit(w, *, bits, gs, scale_dtype) -> Pow2Weight:
+@functools.partial(jax.jit, static_argnames=("bits", "gs", "scale_dtype", "search"))
+def _rtn_jit(w, *, bits, gs, scale_dtype, search) -> Pow2Weight:
     n_in = w.shape[-2]
     n_groups = -(-n_in // gs)
     # Zero rows pad the last group; they never change max |x| and encode to 0.
     xp = jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, n_groups * gs - n_in), (0, 0)])
     xg = xp.reshape(*w.shape[:-2], n_groups, gs, w.shape[-1])
-    scale = pow2_scale(xg, scale_dtype, axis=-2)
+    scale = pow2_scale(xg, scale_dtype, axis=-2, bits=bits, search=search)
     q = pow2_encode(xg, scale, bits).reshape(xp.shape)[..., :n_in, :]
     perm = jnp.broadcast_to(jnp.arange(n_in, dtype=jnp.int32), (*w.shape[:-2], n_in))
     return Pow2Weight(packed=pack(q, bits), scale=scale[..., 0, :].astype(scale_dtype), perm=perm,
@@ -241,7 +264,7 @@ def _rtn_jit(w, *, bits, gs, scale_dtype) -> Pow2Weight:
 
 
 def pow2_rtn(params, bits: int, group_size: Optional[int] = None, select: Selector = None, *,
-             pad: bool = False, scale_dtype=jnp.float32, matrix_axes=None):
+             pad: bool = False, scale_dtype=jnp.float32, search: int = 1, matrix_axes=None):
     """Round-to-nearest power-of-two quantize the selected matrices of any pytree.
 
     Each selected matrix becomes a :class:`Pow2Weight` (:func:`pow2_rtn_weight`); ``select``
@@ -250,21 +273,21 @@ def pow2_rtn(params, bits: int, group_size: Optional[int] = None, select: Select
     """
     check_quant_args(bits, None, 1, pad)
     return quantize_matrices(
-        params, lambda m: pow2_rtn_weight(m, bits, group_size, pad=pad, scale_dtype=scale_dtype),
-        select, matrix_axes)
+        params, lambda m: pow2_rtn_weight(m, bits, group_size, pad=pad, scale_dtype=scale_dtype,
+                                          search=search), select, matrix_axes)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "stored_group_size",
-                                             "block_size", "act_order", "scale_dtype"))
+                                             "block_size", "act_order", "scale_dtype", "search"))
 def pow2_gptq_weight(w, h, percdamp=0.01, *, bits, group_size, stored_group_size,
-                     block_size=128, act_order=False, scale_dtype=jnp.float32):
+                     block_size=128, act_order=False, scale_dtype=jnp.float32, search=1):
     """Jit-able error-feedback power-of-two quantization into ``(Pow2Weight, ok)``, unchecked.
 
-    ``jaxeff.params.gptq_solve_grid`` with ``Pow2Grid(bits, scale_dtype)`` mapped over the
+    ``jaxeff.params.gptq_solve_grid`` with ``Pow2Grid(bits, scale_dtype, search)`` mapped over the
     leading axes (``map_solve``), then packed; arguments as ``jaxeff.params.gptq_weight``.
     Use :func:`pow2_gptq` outside ``jit``.
     """
-    grid = Pow2Grid(int(bits), jnp.dtype(scale_dtype))
+    grid = Pow2Grid(int(bits), jnp.dtype(scale_dtype), int(search))
     solve = functools.partial(gptq_solve_grid, percdamp=percdamp, quantizer=grid,
                               group_size=group_size, block_size=block_size, act_order=act_order)
     codes, (scale,), perm, ok = map_solve(solve, w, h)
@@ -276,18 +299,20 @@ def pow2_gptq_weight(w, h, percdamp=0.01, *, bits, group_size, stored_group_size
 
 def pow2_gptq(w: jax.Array, h, bits: int, group_size: Optional[int] = None, *,
               block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
-              pad: bool = False, scale_dtype=jnp.float32, name: Optional[str] = None
-              ) -> Pow2Weight:
+              pad: bool = False, scale_dtype=jnp.float32, search: int = 1,
+              name: Optional[str] = None) -> Pow2Weight:
     """GPTQ-style error feedback onto the power-of-two grid: ``w [..., IN, OUT]`` -> Pow2Weight.
 
     GPTQ's solve (Frantar et al., 2023; ``jaxeff.params.gptq``'s module docstring) with each
     row rounded by :class:`Pow2Grid` (ShiftAddViT's shift weights, You et al. 2023) and its
     error fed forward through the inverse Hessian. Args and errors as ``jaxeff.params.gptq``
-    (no ``sym``: the grid is symmetric by construction).
+    (no ``sym``: the grid is symmetric by construction), plus ``search`` (default 1) as
+    :func:`pow2_rtn_weight`, applied to each group's error-updated rows.
     """
     w, h, gs = check_gptq_inputs(w, h, bits, group_size, block_size, percdamp, pad, name)
     pw, ok = pow2_gptq_weight(w, h, percdamp, bits=int(bits), group_size=group_size,
                               stored_group_size=gs, block_size=int(block_size),
-                              act_order=bool(act_order), scale_dtype=jnp.dtype(scale_dtype))
+                              act_order=bool(act_order), scale_dtype=jnp.dtype(scale_dtype),
+                              search=check_int("search", search, 1))
     check_ok(ok, percdamp, name)
     return pw

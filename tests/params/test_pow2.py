@@ -73,6 +73,26 @@ def test_rtn_weight_scale_is_group_max_and_zero_group():
     np.testing.assert_allclose(np.asarray(materialize(pw))[:4, 0], [0.1, -0.8, 0.4, 0.05])
 
 
+def test_scale_search_by_hand_and_never_worse():
+    # column [1, .7, .7, .7], 4 bits: scale 1 puts .7 on 1/2 (error 3 * .04 = .12); scale
+    # 2^-1/2 = .7071 clips 1 to .7071 and keeps .7 at .7071 (error .0858 + 3 * 5e-5): chosen.
+    w = np.asarray([[1.0], [0.7], [0.7], [0.7]], np.float32)
+    pw = pow2_rtn_weight(w, 4, search=2)
+    np.testing.assert_allclose(np.asarray(pw.scale), [[2 ** -0.5]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pw.codes)[:, 0], [7, 7, 7, 7])
+    np.testing.assert_array_equal(np.asarray(pow2_rtn_weight(w, 4, search=1).scale), [[1.0]])
+    wr, _, _ = _data(6)
+    err = lambda q: np.sum((wr - np.asarray(materialize(q))) ** 2, axis=0)  # noqa: E731
+    for bits in (3, 4):
+        base, best = pow2_rtn_weight(wr, bits, 8), pow2_rtn_weight(wr, bits, 8, search=8)
+        # per group and column the search includes the max scale, so no column gets worse
+        assert np.all(err(best) <= err(base) + 1e-6) and err(best).sum() < 0.9 * err(base).sum()
+    with pytest.raises(TypeError, match="search"):
+        pow2_rtn_weight(wr, 4, search=2.0)
+    with pytest.raises(ValueError, match="search"):
+        pow2_rtn_weight(wr, 4, search=0)
+
+
 # ------------------------------------------------------------------ packing, materialize
 def test_pack_round_trip_and_word_layout():
     w, _, _ = _data()
@@ -170,9 +190,9 @@ def test_gptq_pow2_parity_with_numpy_obs_loop():
 
 def test_error_feedback_beats_rtn_on_correlated_inputs():
     w, x, h = _data(2)
-    for bits, gs in ((4, 8), (3, None)):
-        r = pow2_rtn_weight(w, bits, gs)
-        g = pow2_gptq(w, h, bits, gs)
+    for bits, gs, search in ((4, 8, 1), (3, None, 1), (4, 8, 4)):
+        r = pow2_rtn_weight(w, bits, gs, search=search)
+        g = pow2_gptq(w, h, bits, gs, search=search)
         out = lambda q: float(np.sum((x @ (w - np.asarray(materialize(q)))) ** 2))  # noqa: E731
         assert out(g) < 0.8 * out(r), (bits, out(g), out(r))
         assert float(quant_error(w, materialize(g), h)) < float(quant_error(w, materialize(r), h))
@@ -265,7 +285,7 @@ def test_sharding_rule_and_sharded_solve():
     sh = derive_shardings(pow2_rtn(dense, 4, 8, select="w"), dense,
                           {"w": NamedSharding(mesh, P(None, "data"))})["w"]
     assert sh.packed.spec == P(None, "data") and sh.scale.spec == P(None, "data")
-    assert sh.perm.spec == P(None)
+    assert sh.perm.is_fully_replicated
     ws = jax.device_put(jnp.asarray(w), NamedSharding(mesh, P(None, "data")))
     np.testing.assert_array_equal(np.asarray(pow2_gptq(ws, h, 4, 8).materialize()),
                                   np.asarray(pow2_gptq(w, h, 4, 8).materialize()))
