@@ -145,9 +145,11 @@ def prefill_packed(params, cfg: llama.LlamaConfig, packed: PackedPrompts, slots:
     are concrete, i.e. outside ``jit``).
     """
     slots = check_int("slots", slots, 1)
-    if not is_traced(packed.length_B) and slots < int(np.max(packed.length_B)):
-        raise ValueError(f"slots={slots} is fewer than the longest prompt "
-                         f"({int(np.max(packed.length_B))} tokens)")
+    if not is_traced(packed.length_B):
+        # np.asarray first: np.max of a concrete jax.Array would call its traced .max method
+        longest = int(np.max(np.asarray(packed.length_B)))
+        if slots < longest:
+            raise ValueError(f"slots={slots} is fewer than the longest prompt ({longest} tokens)")
     tokens_RxL = jnp.asarray(packed.tokens_RxL, jnp.int32)
     segments_RxL = jnp.asarray(packed.segment_ids_RxL, jnp.int32)
     positions_RxL = jnp.asarray(packed.positions_RxL, jnp.int32)
