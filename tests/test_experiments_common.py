@@ -69,3 +69,13 @@ def test_projected_embedding_keeps_the_top_directions_at_the_init_std():
     g3 = (u[:, :3] * s[:3]) @ (u[:, :3] * s[:3]).T
     gp = p @ p.T
     np.testing.assert_allclose(gp, np.trace(gp) / np.trace(g3) * g3, atol=1e-4 * np.abs(gp).max())
+
+
+def test_run_record_names_the_command_and_the_costs():
+    import time
+    rec = common.run_record("study_x", ["--steps", "3"], time.perf_counter() - 1.0,
+                            common.cpu_seconds(), 2.5)
+    assert rec["command"] == "python -m experiments.study_x --steps 3"
+    assert rec["total_wall_s"] >= 1.0 and rec["total_cpu_s"] >= 0.0
+    assert rec["loadavg_1min"][0] == 2.5 and len(rec["loadavg_1min"]) == 2
+    assert {"platform", "cpus", "devices"} <= set(rec["machine"])
