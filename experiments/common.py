@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxeff.data import Document
 
 
 def random_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
@@ -90,3 +93,85 @@ def cost_footer(wall0: float, cpu0: float) -> dict:
             "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count(),
             "note": "wall times on a shared 2-core machine under load are inflated 3-10x; CPU-s "
                     "are the comparable cost"}
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads): on a shared machine the wall
+    clock depends on the load, this does not."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def concat_batches(it_a, it_b, rows_a: int | None = None):
+    """The first ``rows_a`` rows (default all) of each batch of ``it_a`` followed by the rows of
+    the matching batch of ``it_b``: a fixed per-batch mixture (replay). With ``rows_a`` the
+    ``it_a`` part is a row subset of the batches another run sees unmixed."""
+    for a, b in zip(it_a, it_b):
+        yield {k: np.concatenate([a[k][:rows_a], b[k]]) for k in a}
+
+
+def chunk_documents(docs, size: int):
+    """Split documents longer than ``size`` characters at line ends into parts with ids
+    ``<id>#<k>`` (the split hashes ids, so every part lands in train or validation)."""
+    out = []
+    for d in docs:
+        t, start, k = d.text, 0, 0
+        if len(t) <= size:
+            out.append(d)
+            continue
+        while start < len(t):
+            end = min(len(t), start + size)
+            if end < len(t):
+                nl = t.rfind("\n", start + size // 2, end)
+                end = nl + 1 if nl >= 0 else end
+            out.append(Document(t[start:end], {**d.meta, "id": f"{d.meta['id']}#{k}"}))
+            start, k = end, k + 1
+    return out
+
+
+def eval_docs(corpus, n: int, seq_len: int):
+    """``n`` evenly spaced documents of ``corpus``, each cut to ``seq_len - 1`` characters (one
+    row of a byte-level model): the evaluation covers many modules instead of the first few."""
+    idx = np.unique(np.linspace(0, len(corpus) - 1, num=min(n, len(corpus))).round().astype(int))
+    return [Document(corpus[int(i)].text[:seq_len - 1], corpus[int(i)].meta) for i in idx]
+
+
+def token_rows(docs, tokenizer, n_tokens: int) -> np.ndarray:
+    """The first ``n_tokens`` tokens (no BOS) of each document as int32 rows ``[N, n_tokens]``,
+    for a plain-token-stream loss such as ``llama.next_token_loss``; shorter documents are
+    skipped. Raises ValueError when no document is long enough."""
+    rows = [ids[:n_tokens] for ids in (np.asarray(tokenizer.encode(d.text)) for d in docs)
+            if ids.size >= n_tokens]
+    if not rows:
+        raise ValueError(f"token_rows: none of the {len(docs)} documents has {n_tokens} tokens")
+    return np.stack(rows).astype(np.int32)
+
+
+def rows_loss(loss_fn, params, rows_NxT: np.ndarray, batch_size: int) -> float:
+    """Mean of ``loss_fn(params, rows[i:i + batch_size])`` over equal-length row batches,
+    weighted by the rows in each (= the mean over every prediction: all rows have T tokens)."""
+    tot = 0.0
+    for i in range(0, len(rows_NxT), batch_size):
+        chunk = rows_NxT[i:i + batch_size]
+        tot += float(loss_fn(params, chunk)) * len(chunk)
+    return tot / len(rows_NxT)
+
+
+def run_record(module: str, argv, t_start: float, c_start: float, load_start: float) -> dict:
+    """The fields every real-model study's results JSON carries about its run: the date, the
+    exact command, total wall and CPU seconds since ``t_start`` / ``c_start`` (``perf_counter``
+    / :func:`cpu_seconds`), the 1-minute load average at the start and now, the machine."""
+    import datetime
+    import platform
+    import sys
+    import time
+
+    import jax
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": f"python -m experiments.{module} "
+                   + " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_wall_s": time.perf_counter() - t_start, "total_cpu_s": cpu_seconds() - c_start,
+        "loadavg_1min": [load_start, os.getloadavg()[0]],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "devices": str(jax.devices())},
+        "note": "wall times on a shared 2-core machine under load are inflated 3-5x; CPU "
+                "seconds (all threads) are the comparable cost"}

@@ -56,7 +56,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import sys
 import time
 import warnings
@@ -67,8 +66,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.common import chunk_documents, concat_batches, cpu_seconds, eval_docs
 from jaxeff import schedules, train
-from jaxeff.data import (ByteTokenizer, Corpus, Document, load_stdlib_corpus, make_eval_batches,
+from jaxeff.data import (ByteTokenizer, Corpus, load_stdlib_corpus, make_eval_batches,
                          make_lm_dataset, split_corpus)
 from jaxeff.data import CountingIterator, EpochCounter, unique_target_tokens
 from jaxeff.losses import kd_loss
@@ -143,12 +143,6 @@ def set_lr(opt_state, lr):
     return jax.tree.map(visit, opt_state, is_leaf=lambda s: hasattr(s, "hyperparams"))
 
 
-def concat_batches(it_a, it_b):
-    """Rows of ``it_a`` then rows of ``it_b``: a fixed per-batch mixture (replay)."""
-    for a, b in zip(it_a, it_b):
-        yield {k: np.concatenate([a[k], b[k]]) for k in a}
-
-
 def with_teacher(it, teacher_params):
     for b in it:
         yield {**b, "teacher_params": teacher_params}
@@ -159,25 +153,6 @@ def quality(text: str) -> float:
     (boilerplate and repetitive text compress well and score low)."""
     raw = text.encode("utf-8", errors="replace")
     return len(zlib.compress(raw, 6)) / max(1, len(raw))
-
-
-def chunk_documents(docs, size: int):
-    """Split documents longer than ``size`` characters at line ends into parts with ids
-    ``<id>#<k>`` (the split hashes ids, so every part lands in train or validation)."""
-    out = []
-    for d in docs:
-        t, start, k = d.text, 0, 0
-        if len(t) <= size:
-            out.append(d)
-            continue
-        while start < len(t):
-            end = min(len(t), start + size)
-            if end < len(t):
-                nl = t.rfind("\n", start + size // 2, end)
-                end = nl + 1 if nl >= 0 else end
-            out.append(Document(t[start:end], {**d.meta, "id": f"{d.meta['id']}#{k}"}))
-            start, k = end, k + 1
-    return out
 
 
 def hq_subset(docs, tok, target_tokens):
@@ -193,13 +168,6 @@ def hq_subset(docs, tok, target_tokens):
         if total >= 0.9 * target_tokens:
             break
     return Corpus(keep, "new:hq")
-
-
-def eval_docs(corpus, n: int, seq_len: int):
-    """``n`` evenly spaced documents of ``corpus``, each cut to one row (``seq_len - 1``
-    characters): the evaluation covers many modules instead of the first few."""
-    idx = np.unique(np.linspace(0, len(corpus) - 1, num=min(n, len(corpus))).round().astype(int))
-    return [Document(corpus[int(i)].text[:seq_len - 1], corpus[int(i)].meta) for i in idx]
 
 
 class Runner:
@@ -251,13 +219,6 @@ class Runner:
               f"..{lrs.max():.2e}..{lrs[-1]:.2e}  ({wall:.0f}s)", flush=True)
         return state, {"final": final, "curve": curve, "train_s": wall,
                        "lr": [float(lrs[0]), float(lrs.max()), float(lrs[-1])]}
-
-
-def _cpu_s() -> float:
-    """User + system CPU seconds of this process (all threads): on a shared machine the wall
-    clock depends on the load, this does not."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 # ------------------------------------------------------------------------------- main
@@ -373,7 +334,7 @@ def main(argv=None):
                + " ".join(argv if argv is not None else sys.argv[1:]),
                "args": vars(args), "new_families": new_fams, "results": results,
                "table": table, "total_wall_s": time.perf_counter() - t_start,
-               "total_cpu_s": _cpu_s(),
+               "total_cpu_s": cpu_seconds(),
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                            "devices": str(jax.devices())}}
     with open(os.path.join(out, "summary.json"), "w") as fh:
