@@ -90,3 +90,11 @@ def cost_footer(wall0: float, cpu0: float) -> dict:
             "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count(),
             "note": "wall times on a shared 2-core machine under load are inflated 3-10x; CPU-s "
                     "are the comparable cost"}
+
+
+def machine_line() -> str:
+    """Machine and current 1-minute load average, for a results file (times on a shared
+    machine are noisy: say so next to them)."""
+    import platform
+    return (f"{platform.machine()} {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} "
+            f"at the end (shared machine: noisy times)")
