@@ -17,7 +17,7 @@ averaging and elastic sub-networks.
   ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
   ``HessianState``, ``quant_error``.
 * GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``,
-  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``; on a flax NNX
+  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``bert_like``, ``stacked_layerwise``; on a flax NNX
   model without editing its forward: ``gptq_nnx``, ``capture_linear_inputs``.
 * vocabulary extension, embedding rows for new tokens (BIOptimus 2023; Wada et al. 2024):
   ``extend_embedding``, ``mean_rows``, ``random_rows``.
@@ -65,7 +65,8 @@ from jaxeff.params._gptq import (aligned_block_size, check_hessian, check_ok, ch
                                  gptq, gptq_solve, gptq_weight, GPTQResult, hessian_init,
                                  hessian_update, HessianState, quant_error)
 from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
-                                        LayerwiseModel, list_layers, llama_like, stacked_layerwise)
+                                        LayerwiseModel, list_layers, llama_like, bert_like,
+                                        stacked_layerwise)
 from jaxeff.params._gptq_nnx import capture_linear_inputs, gptq_nnx
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
                                    stack_depth)
@@ -104,7 +105,7 @@ __all__ = [
     "gptq_weight", "GPTQResult", "hessian_init", "hessian_update", "HessianState", "quant_error",
     "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model",
     "gptq_nnx", "LayerwiseModel", "list_layers",
-    "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
+    "llama_like", "bert_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
     "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "linear",
     "LoRA",
     "lora", "LoRAWeight", "LowRank", "lowrank", "LowRankWeight", "pela_feature_loss",

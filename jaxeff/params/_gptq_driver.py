@@ -50,7 +50,8 @@ from jaxeff.params._quantized import QuantizedWeight, check_quant_args, stack_qu
 from jaxeff.params._structured import is_structured
 from jaxeff.select import Selector, flatten_with_paths, select_mask
 
-__all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "gptq_model",
+__all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "bert_like",
+           "gptq_model",
            "calibration_batches", "default_token_mask"]
 
 
@@ -212,6 +213,29 @@ def llama_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
         return module.block(lp, h, cfg, seg, pos, capture=capture)
 
     return stacked_layerwise(embed, layer, key)
+
+
+def bert_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
+    """Adapter for ``jaxeff.models.bert`` (or any module with its signatures).
+
+    Uses ``module.embed(params, inputs, cfg, token_types)`` and ``module.block(layer_params, h,
+    keep, cfg, capture=capture)`` with layers stacked under ``params[key]``; batch dicts need
+    ``inputs`` and may hold ``mask`` (1 = real token, 0 = padding; default all real) and
+    ``token_types``. Padding tokens are masked out of the attention and of the Hessians.
+    """
+    def keep(batch):
+        m = batch.get("mask")
+        return jnp.ones(batch["inputs"].shape, bool) if m is None else jnp.asarray(m) > 0
+
+    def embed(params, batch):
+        return module.embed(params, batch["inputs"], cfg, batch.get("token_types"))
+
+    def layer(lp, h, batch, capture):
+        return module.block(lp, h, keep(batch), cfg, capture=capture)
+
+    model = stacked_layerwise(embed, layer, key)
+    return dataclasses.replace(model, token_mask=lambda b: None if b.get("mask") is None
+                               else np.asarray(b["mask"]) > 0)
 
 
 def _child_key(tree, k: str):
