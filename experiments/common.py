@@ -93,6 +93,8 @@ def cost_footer(wall0: float, cpu0: float) -> dict:
             "load_avg_1min_end": os.getloadavg()[0], "cpus": os.cpu_count(),
             "note": "wall times on a shared 2-core machine under load are inflated 3-10x; CPU-s "
                     "are the comparable cost"}
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process (all threads): on a shared machine the wall
     clock depends on the load, this does not."""
@@ -175,3 +177,11 @@ def run_record(module: str, argv, t_start: float, c_start: float, load_start: fl
                     "devices": str(jax.devices())},
         "note": "wall times on a shared 2-core machine under load are inflated 3-5x; CPU "
                 "seconds (all threads) are the comparable cost"}
+
+
+def machine_line() -> str:
+    """Machine and current 1-minute load average, for a results file (times on a shared
+    machine are noisy: say so next to them)."""
+    import platform
+    return (f"{platform.machine()} {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} "
+            f"at the end (shared machine: noisy times)")

@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -136,18 +135,15 @@ def main(argv=None):
         inc = f"{r['increase']:+.4f}" if "increase" in r else "-"
         print(f"| {r['method']} | {r['bits'] or 32} | {loss} | {inc} | {r['seconds']:.1f} | "
               f"{r['peak_rss_mb']:.0f} |")
+    from experiments.common import machine_line, write_json
     report = {"study": "ptq_smollm2", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus, load average "
-                         f"{os.getloadavg()[0]:.1f} at the end (shared machine: noisy times)",
+              "machine": machine_line(),
               "command": ("python -m experiments.study_ptq_smollm2 "
                           + " ".join(argv or sys.argv[1:])),
               "percdamp": args.percdamp, "calib_segments": args.calib, "results": results,
               "anchor_gptqmodel_7.6.0": {"seconds": 142.5, "increase": 0.159,
                                          "note": "4-bit g128, its own eval chunking"}}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

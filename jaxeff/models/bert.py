@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from jaxeff.params._linear import linear
 
-__all__ = ["BertConfig", "init_params", "embed", "encode", "forward", "mean_pool",
+__all__ = ["BertConfig", "init_params", "embed", "block", "encode", "forward", "mean_pool",
            "sentence_embedding", "pool"]
 
 
@@ -107,7 +107,13 @@ def layer_norm(x_BxLxD, scale_D, bias_D, eps):
     return (x - mu) * jax.lax.rsqrt(var + eps) * scale_D + bias_D
 
 
-def _layer(lp, x_BxLxD, keep_BxL, cfg: BertConfig):
+def block(lp, x_BxLxD, keep_BxL, cfg: BertConfig, capture=None):
+    """One post-LN encoder layer on one layer's params ``lp`` (module docstring's formula).
+
+    ``keep_BxL`` (bool) marks real tokens (padding keys are masked out). When ``capture`` is a
+    dict, the input of every linear weight is stored in it under the weight's name
+    (``wq``/``wk``/``wv`` share ``x``): the hook layer-wise algorithms such as GPTQ use.
+    """
     B, L, D = x_BxLxD.shape
     H, K = cfg.n_heads, cfg.head_dim
     split = lambda y: y.reshape(B, L, H, K)  # noqa: E731
@@ -118,10 +124,13 @@ def _layer(lp, x_BxLxD, keep_BxL, cfg: BertConfig):
     s_BxHxLxL = jnp.where(keep_BxL[:, None, None, :], s_BxHxLxL, jnp.finfo(jnp.float32).min)
     p_BxHxLxL = jax.nn.softmax(s_BxHxLxL, axis=-1)
     a_BxLxD = jnp.einsum("bhqs,bshk->bqhk", p_BxHxLxL, v_BxLxHxK).reshape(B, L, D)
-    x_BxLxD = layer_norm(x_BxLxD + linear(a_BxLxD, lp["wo"]) + lp["bo"], lp["attn_norm_scale"],
+    h_BxLxD = layer_norm(x_BxLxD + linear(a_BxLxD, lp["wo"]) + lp["bo"], lp["attn_norm_scale"],
                          lp["attn_norm_bias"], cfg.norm_eps)
-    u_BxLxF = jax.nn.gelu(linear(x_BxLxD, lp["w_in"]) + lp["b_in"], approximate=False)
-    return layer_norm(x_BxLxD + linear(u_BxLxF, lp["w_out"]) + lp["b_out"], lp["mlp_norm_scale"],
+    u_BxLxF = jax.nn.gelu(linear(h_BxLxD, lp["w_in"]) + lp["b_in"], approximate=False)
+    if capture is not None:
+        capture.update(wq=x_BxLxD, wk=x_BxLxD, wv=x_BxLxD, wo=a_BxLxD, w_in=h_BxLxD,
+                       w_out=u_BxLxF)
+    return layer_norm(h_BxLxD + linear(u_BxLxF, lp["w_out"]) + lp["b_out"], lp["mlp_norm_scale"],
                       lp["mlp_norm_bias"], cfg.norm_eps)
 
 
@@ -165,7 +174,7 @@ def encode(params, x_BxLxD, cfg: BertConfig, mask_BxL=None, return_layers: bool 
     keep_BxL = jnp.ones((B, L), bool) if mask_BxL is None else jnp.asarray(mask_BxL) > 0
 
     def body(x, lp):
-        y = _layer(lp, x, keep_BxL, cfg)
+        y = block(lp, x, keep_BxL, cfg)
         return y, (y if return_layers else None)
 
     h_BxLxD, ys_NxBxLxD = jax.lax.scan(body, x_BxLxD, params["layers"])

@@ -17,8 +17,9 @@ averaging and elastic sub-networks.
   ``check_ok``, ``check_solver_args``, ``gptq``, ``gptq_solve``, ``gptq_solve_grid`` (any
   per-column grid), ``gptq_weight``, ``GPTQResult``, ``hessian_init``, ``hessian_update``,
   ``HessianState``, ``map_solve``, ``quant_error``, ``UniformGrid``.
-* GPTQ over a whole model: ``calibration_batches``, ``default_token_mask``, ``gptq_model``, ``GRIDS``,
-  ``LayerwiseModel``, ``list_layers``, ``llama_like``, ``stacked_layerwise``; on a flax NNX
+* GPTQ over a whole model: ``bert_like``, ``calibration_batches``, ``default_token_mask``,
+  ``gptq_model``, ``GRIDS``, ``LayerwiseModel``, ``list_layers``, ``llama_like``,
+  ``stacked_layerwise``; on a flax NNX
   model without editing its forward: ``gptq_nnx``, ``capture_linear_inputs``.
 * vocabulary extension, embedding rows for new tokens (BIOptimus 2023; Wada et al. 2024):
   ``extend_embedding``, ``mean_rows``, ``random_rows``.
@@ -71,6 +72,7 @@ from jaxeff.params._gptq import (aligned_block_size, check_gptq_inputs, check_he
                                  HessianState, map_solve, quant_error, UniformGrid)
 from jaxeff.params._gptq_driver import (calibration_batches, default_token_mask, gptq_model,
                                         GRIDS, LayerwiseModel, list_layers, llama_like,
+                                        bert_like,
                                         stacked_layerwise)
 from jaxeff.params._gptq_nnx import capture_linear_inputs, gptq_nnx
 from jaxeff.params._growth import (DEFAULT_GROWTH_FACTOR, grow_train_state, growth_tokens,
@@ -114,7 +116,7 @@ __all__ = [
     "hessian_update", "HessianState", "map_solve", "quant_error", "UniformGrid",
     "calibration_batches", "capture_linear_inputs", "default_token_mask", "gptq_model", "GRIDS",
     "gptq_nnx", "LayerwiseModel", "list_layers",
-    "llama_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
+    "llama_like", "bert_like", "stacked_layerwise", "DEFAULT_GROWTH_FACTOR", "grow_train_state",
     "growth_tokens", "stack_depth", "gather_layers", "layer_count", "stacked_layers", "linear",
     "LoRA",
     "lora", "LoRAWeight", "LowRank", "lowrank", "LowRankWeight", "pela_feature_loss",

@@ -69,10 +69,10 @@ import numpy as np
 from jaxeff.params._quantized import (QuantizedWeight, check_quant_args, find_params, pack,
                                       quantize_codes)
 
-__all__ = ["HessianState", "hessian_init", "hessian_update", "GPTQResult", "UniformGrid",
-           "gptq_solve_grid", "gptq_solve", "map_solve", "gptq_weight", "gptq", "check_ok",
-           "check_hessian", "check_solver_args", "check_gptq_inputs", "aligned_block_size",
-           "quant_error"]
+__all__ = ["HessianState", "hessian_init", "hessian_update", "hessian_update_all", "GPTQResult",
+           "UniformGrid", "gptq_solve_grid", "gptq_solve", "map_solve", "gptq_weight", "gptq",
+           "check_ok", "check_hessian", "check_solver_args", "check_gptq_inputs",
+           "aligned_block_size", "quant_error"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -122,6 +122,27 @@ def hessian_update(state: HessianState, x: jax.Array, mask: Optional[jax.Array] 
     xtx = jnp.matmul((x * m[:, None]).T, x, precision=_HI, **kw)
     h = jnp.where(total > 0, state.h * (state.count / safe) + (2.0 / safe) * xtx, state.h)
     return HessianState(h, total)
+
+
+def hessian_update_all(states: dict, captured: dict, mask: Optional[jax.Array] = None) -> dict:
+    """:func:`hessian_update` of every ``states[k]`` with its captured input ``captured[k]``.
+
+    The one accumulation step of the model-level drivers (:func:`jaxeff.params.gptq_model`,
+    :func:`jaxeff.params.gptq_nnx`): ``H_k' = (c/(c+m)) H_k + (2/(c+m)) sum_t mask_t x_kt
+    x_kt^T`` for each key. ``mask`` (e.g. ``segment_ids > 0``) must have the leading (token)
+    shape of every captured input. Raises ``ValueError`` naming the key on a missing input or
+    a mask that does not fit it.
+    """
+    out = dict(states)
+    for k in states:
+        if k not in captured:
+            raise ValueError(f"no captured input for {k!r}; captured: {sorted(captured)[:12]}")
+        x = captured[k]
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"token_mask shape {tuple(mask.shape)} does not match the captured "
+                             f"input {k!r} of shape {tuple(x.shape)}")
+        out[k] = hessian_update(states[k], x, mask)
+    return out
 
 
 class GPTQResult(NamedTuple):

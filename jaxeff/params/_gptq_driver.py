@@ -11,6 +11,13 @@ embedded once; then for layer ``l = 0 .. L-1``
    input, e.g. ``wq/wk/wv``, share one Hessian);
 3. ``h_{l+1} = layer_l^quantized(h_l)``, and drop the layer's Hessians.
 
+Cost: the work is two layer passes per layer over the calibration tokens (the dense prefix of
+layer ``l`` that feeds the captured inputs plus the Hessian products, then the quantized layer);
+on a CPU both are matmul-bound (SmolLM2-135M, 32K tokens: ~20 MFLOP per token per layer). Step 3
+is fused with step 1 of layer ``l+1`` into one jitted pass per batch (``h_{l+1}`` never leaves
+the device between them, one compiled program serves every layer of the same shapes), and the
+last layer's output is not computed.
+
 With ``true_sequential`` (the reference's ``--true-sequential``) step 1-2 run once per group of
 weights that share an input, in forward order (``wq,wk,wv`` -> ``wo`` -> ``w_gate,w_up`` ->
 ``w_down``), each group seeing the outputs of the already quantized groups of the same layer.
@@ -39,14 +46,14 @@ from tqdm.auto import tqdm
 
 from jaxeff._checks import check_choice
 from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_solver_args,
-                                 gptq_weight, hessian_update, quant_error)
+                                 gptq_weight, hessian_update_all, quant_error)
 from jaxeff.params._pow2 import pow2_gptq_weight
 from jaxeff.params._quantized import check_quant_args, stack_quantized
 from jaxeff.params._structured import array_fields, is_structured
 from jaxeff.select import Selector, flatten_with_paths, select_mask
 
-__all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "gptq_model",
-           "calibration_batches", "default_token_mask", "GRIDS"]
+__all__ = ["LayerwiseModel", "stacked_layerwise", "list_layers", "llama_like", "bert_like",
+           "gptq_model", "calibration_batches", "default_token_mask", "GRIDS"]
 
 #: Value grids of :func:`gptq_model`: GPTQ's int grid (``QuantizedWeight``) and the
 #: power-of-two grid of ShiftAddViT (``Pow2Weight``, ``jaxeff.params.pow2_gptq``).
@@ -213,6 +220,29 @@ def llama_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
     return stacked_layerwise(embed, layer, key)
 
 
+def bert_like(module: Any, cfg: Any, key: str = "layers") -> LayerwiseModel:
+    """Adapter for ``jaxeff.models.bert`` (or any module with its signatures).
+
+    Uses ``module.embed(params, inputs, cfg, token_types)`` and ``module.block(layer_params, h,
+    keep, cfg, capture=capture)`` with layers stacked under ``params[key]``; batch dicts need
+    ``inputs`` and may hold ``mask`` (1 = real token, 0 = padding; default all real) and
+    ``token_types``. Padding tokens are masked out of the attention and of the Hessians.
+    """
+    def keep(batch):
+        m = batch.get("mask")
+        return jnp.ones(batch["inputs"].shape, bool) if m is None else jnp.asarray(m) > 0
+
+    def embed(params, batch):
+        return module.embed(params, batch["inputs"], cfg, batch.get("token_types"))
+
+    def layer(lp, h, batch, capture):
+        return module.block(lp, h, keep(batch), cfg, capture=capture)
+
+    model = stacked_layerwise(embed, layer, key)
+    return dataclasses.replace(model, token_mask=lambda b: None if b.get("mask") is None
+                               else np.asarray(b["mask"]) > 0)
+
+
 def _child_key(tree, k: str):
     """The key of ``tree`` spelled ``k`` in a ``/``-path: an int for sequences and for
     integer-keyed mappings (NNX layer lists), else the string."""
@@ -285,23 +315,31 @@ def _embed_fn(embed):
 
 @functools.lru_cache(maxsize=32)
 def _forward_fn(layer):
-    return jax.jit(lambda lp, h, b: layer(lp, h, b, None))
+    return jax.jit(lambda lp, h, b: layer(lp, h, b, None), donate_argnums=(1,))
+
+
+def _capture_into(layer, lp, h, b, m, states):
+    cap = {}
+    layer(lp, h, b, cap)
+    return hessian_update_all(states, cap, m)
 
 
 @functools.lru_cache(maxsize=128)
-def _accumulate_fn(layer, keys):
-    def acc(lp, h, b, m, states):
-        cap = {}
-        layer(lp, h, b, cap)
-        out = {}
-        for k in keys:
-            x = cap[k]
-            if m is not None and tuple(m.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"token_mask shape {m.shape} does not match the captured "
-                                 f"input {k!r} of shape {x.shape}")
-            out[k] = hessian_update(states[k], x, m)
-        return out
-    return jax.jit(acc)
+def _accumulate_fn(layer):
+    """Hessians of the inputs captured by ``layer(lp, h)`` (the layer's output is dropped, so
+    XLA computes only the prefix of the layer that the captured inputs need)."""
+    return jax.jit(functools.partial(_capture_into, layer), donate_argnums=(4,))
+
+
+@functools.lru_cache(maxsize=128)
+def _forward_accumulate_fn(layer):
+    """The fused pass: ``h' = layer(lp_q, h)`` with the just-quantized layer, and on the same
+    ``h'`` the Hessians of the next layer ``lp_next`` (one pass per layer, nothing leaves the
+    device between the two)."""
+    def step(lp_q, lp_next, h, b, m, states):
+        h = layer(lp_q, h, b, None)
+        return h, _capture_into(layer, lp_next, h, b, m, states)
+    return jax.jit(step, donate_argnums=(2, 5))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "pad", "block_size",
@@ -350,20 +388,20 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
         ``sym`` must stay False).
 
     Returns the params with each quantized weight replaced by a ``QuantizedWeight`` (a
-    ``Pow2Weight`` for ``grid='pow2'``; stacked layouts give stacked leaves). Peak extra
-    memory: one layer's Hessians plus the calibration activations of one layer boundary.
+    ``Pow2Weight`` for ``grid='pow2'``; stacked layouts give stacked leaves). Peak extra memory: one layer's Hessians plus the calibration
+    activations of one layer boundary.
 
     Raises ``ValueError`` for bad quantization arguments, empty ``calib``, a selector matching no
     leaf, a selector picking leaves whose input no layer captures, an unknown ``grid`` (or
     ``sym=True`` with ``'pow2'``), or a singular Hessian.
     """
     t0 = time.perf_counter()
+    check_quant_args(bits, None, 1, pad)
+    check_solver_args(block_size, percdamp)
     check_choice("grid", grid, GRIDS)
     if grid == "pow2" and sym:
         raise ValueError("sym=True does not apply to grid='pow2' (sign-magnitude codes are "
                          "symmetric by construction); leave sym=False")
-    check_quant_args(bits, None, 1, pad)
-    check_solver_args(block_size, percdamp)
     batches = list(calib)
     if not batches:
         raise ValueError("calib is empty: pass an iterable of batch dicts (e.g. 128 segments)")
@@ -400,21 +438,33 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
                               pad=bool(pad), block_size=int(block_size),
                               act_order=bool(act_order), sym=bool(sym),
                               scale_dtype=jnp.dtype(scale_dtype), grid=grid)
-    qlayers, errors = [], []
-    bar = tqdm(range(n_layers), desc=f"GPTQ {bits}-bit {grid}", disable=not progress)
-    for i in bar:
-        lp = model.get_layer(params, i)
+    def zero_states(i, keys):
+        width = plan[i][3]
+        return {k: HessianState(jnp.zeros((width[k], width[k]), jnp.float32),
+                                jnp.zeros((), jnp.float32)) for k in keys}
+
+    def groups_of(i):
         names, groups, rep, width, chosen = plan[i]
         todo = ([[n for n in g if n in chosen] for g in groups] if true_sequential
                 else [chosen])
+        return [(g, tuple(dict.fromkeys(rep[n] for n in g))) for g in todo if g]
+
+    qlayers, errors = [], []
+    acc = _accumulate_fn(model.layer)
+    pending = None   # Hessians of layer i's first group, accumulated by layer i-1's fused pass
+    bar = tqdm(range(n_layers), desc=f"GPTQ {bits}-bit {grid}", disable=not progress)
+    for i in bar:
+        lp = model.get_layer(params, i)
+        rep = plan[i][2]
         cur, qleaves = lp, {}
-        for group in [g for g in todo if g]:
-            keys = tuple(dict.fromkeys(rep[n] for n in group))
-            states = {k: HessianState(np.zeros((width[k], width[k]), np.float32),
-                                      np.zeros((), np.float32)) for k in keys}
-            fn = _accumulate_fn(model.layer, keys)
-            for h, b, m in zip(hs, batches, masks):
-                states = fn(cur, h, b, m, states)
+        for j, (group, keys) in enumerate(groups_of(i)):
+            if j == 0 and pending is not None:
+                states = pending
+            else:
+                states = zero_states(i, keys)
+                for h, b, m in zip(hs, batches, masks):
+                    states = acc(cur, h, b, m, states)
+            pending = None
             for k in keys:
                 members = [n for n in group if rep[n] == k]
                 ws = tuple(_get(cur, n) for n in members)
@@ -428,7 +478,20 @@ def gptq_model(params, model: LayerwiseModel, calib: Iterable, bits: int,
                     qleaves[n] = q
                     cur = _set(cur, n, w_hat)
             del states
-        hs = [fwd(cur, h, b) for h, b in zip(hs, batches)]
+        # h_{i+1} = layer_i^quantized(h_i), fused with the Hessians of layer i+1's first group
+        # (they see the dense layer i+1 on h_{i+1} in both modes).
+        nxt = groups_of(i + 1) if i + 1 < n_layers else []
+        if nxt:
+            fused, lp_next, states = _forward_accumulate_fn(model.layer), model.get_layer(
+                params, i + 1), [zero_states(i + 1, nxt[0][1])]
+            new_hs = []
+            for h, b, m in zip(hs, batches, masks):
+                h, st = fused(cur, lp_next, h, b, m, states[-1])
+                new_hs.append(h)
+                states[-1] = st
+            hs, pending = new_hs, states[-1]
+        elif i + 1 < n_layers:
+            hs = [fwd(cur, h, b) for h, b in zip(hs, batches)]
         out = lp
         for n, qw in qleaves.items():
             out = _set(out, n, qw)

@@ -50,7 +50,7 @@ import numpy as np
 
 from jaxeff._checks import check_callable
 from jaxeff.params._gptq import (HessianState, check_hessian, check_ok, check_solver_args,
-                                 hessian_update)
+                                 hessian_update_all)
 from jaxeff.params._gptq_driver import _solve_members, default_token_mask
 from jaxeff.params._quantized import check_quant_args
 from jaxeff.select import Selector, select_mask
@@ -147,16 +147,10 @@ def _accumulate_fn(graphdef, forward, want, rep_items):
     rep = dict(rep_items)
 
     def acc(state, batch, m, hstates):
-        out = dict(hstates)
-        for p, _, x, _ in _traced_calls(graphdef, state, batch, forward, want):
-            k = rep[p]
-            if k != p:   # shares its input with k: that input is folded in under k already
-                continue
-            if m is not None and tuple(m.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"token_mask shape {m.shape} does not match the input of "
-                                 f"{p!r} of shape {x.shape}")
-            out[k] = hessian_update(out[k], x, m)
-        return out
+        # Linears sharing an input with their representative are folded in under it already.
+        cap = {p: x for p, _, x, _ in _traced_calls(graphdef, state, batch, forward, want)
+               if rep[p] == p}
+        return hessian_update_all(hstates, cap, m)
     return jax.jit(acc)
 
 

@@ -135,3 +135,33 @@ def test_layer_without_calibration_tokens_warns_with_its_name_and_uses_rtn():
     r = rtn(params, 4, 8, select=r"layers/0/a$")
     np.testing.assert_array_equal(np.asarray(q["layers"][0]["a"].materialize()),
                                   np.asarray(r["layers"][0]["a"].materialize()))
+
+
+def test_bert_like_matches_manual_gptq_of_the_first_layer_with_padding_masked():
+    from jaxeff.models import bert
+    from jaxeff.params import bert_like
+    cfg = bert.BertConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                          max_positions=16, pooler=False)
+    params = bert.init_params(jax.random.key(0), cfg)
+    rng = np.random.default_rng(1)
+    mask = np.ones((3, 8), np.int32)
+    mask[1, 5:] = 0
+    calib = [{"inputs": jnp.asarray(rng.integers(0, 50, (3, 8)), jnp.int32),
+              "mask": jnp.asarray(mask)} for _ in range(2)]
+    q = gptq_model(params, bert_like(bert, cfg), calib, 4, 8, progress=False)
+    names = ("wq", "wk", "wv", "wo", "w_in", "w_out")
+    assert all(isinstance(q["layers"][n], QuantizedWeight) and
+               q["layers"][n].shape == params["layers"][n].shape for n in names)
+    # Layer 0's wq by hand: H from the embedded inputs of the real (unmasked) tokens only.
+    h = hessian_init(16)
+    for b in calib:
+        x = bert.embed(params, b["inputs"], cfg)
+        h = hessian_update(h, x, b["mask"] > 0)
+    expect = gptq(params["layers"]["wq"][0], h, 4, 8)
+    got = jax.tree.map(lambda x: x[0], q["layers"]["wq"])
+    np.testing.assert_allclose(np.asarray(got.materialize()), np.asarray(expect.materialize()),
+                               atol=1e-5)
+    # The quantized encoder still runs (dense view) and stays close to fp32.
+    e0 = bert.sentence_embedding(params, calib[0]["inputs"], calib[0]["mask"], cfg)
+    e1 = bert.sentence_embedding(materialize(q), calib[0]["inputs"], calib[0]["mask"], cfg)
+    assert float(jnp.min(jnp.sum(e0 * e1, -1))) > 0.9
