@@ -53,6 +53,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import warnings
 import zlib
 from typing import Any, Mapping, Optional
@@ -68,6 +69,10 @@ __all__ = ["Checkpointer", "CorruptCheckpointWarning", "HyperparameterChangeWarn
 
 _PROCESS_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 _MAX_LISTED = 8
+# After a failed save, how long the step's temporary directory must stay absent before it counts
+# as removed, and the most time spent removing it (see `Checkpointer._remove_tmp_dirs`).
+_TMP_QUIET_S = 0.5
+_TMP_DEADLINE_S = 30.0
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -305,24 +310,32 @@ class Checkpointer:
         for lg in loggers:
             lg.addFilter(held)
         hooks = sys.unraisablehook, threading.excepthook
+        failed = None
         try:
-            self._mgr.save(step, args=ocp.args.Composite(**items), force=True,
-                           custom_metadata=custom)
-            self._mgr.wait_until_finished()
-        except OSError as e:
-            # Writer threads of the failed save report the same error again through these
-            # hooks while they wind down; the one error raised below says it all.
-            sys.unraisablehook = held.held.append
-            threading.excepthook = held.held.append
             try:
-                self._recover_after_failed_save(step)
-            finally:
-                sys.unraisablehook, threading.excepthook = hooks
-            raise OSError(e.errno, f"saving checkpoint step {step} under {self.directory} "
-                                   f"failed: {e.strerror or e}"
-                                   f"{' (disk full)' if e.errno == _errno.ENOSPC else ''}; the "
-                                   f"temporary directory was removed, earlier steps "
-                                   f"{self.all_steps()} are intact") from None
+                self._mgr.save(step, args=ocp.args.Composite(**items), force=True,
+                               custom_metadata=custom)
+                self._mgr.wait_until_finished()
+            except OSError as e:
+                # Keep the numbers only: the exception's traceback holds the failed save's
+                # asyncio tasks alive, and they must be collected below, under the filter.
+                failed = e.errno, e.strerror or str(e)
+            if failed is not None:
+                # Writer threads of the failed save report the same error again through these
+                # hooks while they wind down; the one error raised below says it all.
+                sys.unraisablehook = held.held.append
+                threading.excepthook = held.held.append
+                try:
+                    left = self._recover_after_failed_save(step)
+                finally:
+                    sys.unraisablehook, threading.excepthook = hooks
+                tmp = ("the temporary directory was removed" if not left else
+                       f"the temporary directories {left} could not be removed (remove them "
+                       f"by hand)")
+                raise OSError(failed[0], f"saving checkpoint step {step} under "
+                                         f"{self.directory} failed: {failed[1]}"
+                                         f"{' (disk full)' if failed[0] == _errno.ENOSPC else ''}"
+                                         f"; {tmp}, earlier steps {self.all_steps()} are intact")
         finally:
             for lg in loggers:
                 lg.removeFilter(held)
@@ -330,9 +343,10 @@ class Checkpointer:
             logging.getLogger(record.name).handle(record)
         return step
 
-    def _recover_after_failed_save(self, step: int) -> None:
+    def _recover_after_failed_save(self, step: int) -> list:
         """Close the manager (its threads finish now, not at interpreter exit), remove the
-        step's temporary directories, open a fresh manager."""
+        step's temporary directories, open a fresh manager. Returns the temporary directories
+        that could not be removed."""
         try:
             self._mgr.close()
         except Exception:  # the manager is already broken by the failed write
@@ -345,12 +359,34 @@ class Checkpointer:
                     t.join(timeout=60)
                 except Exception:  # Orbax's threads re-raise their (same) write error
                     pass
+        left = self._remove_tmp_dirs(step)   # also waits out TensorStore's late callbacks
+        self._mgr = None                      # drop the failed manager and its tasks, then
         gc.collect()   # unretrieved asyncio task errors are logged (and held back) here
-        if "://" not in self.directory:
-            for name in os.listdir(self.directory):
-                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=self._options)
+        return left
+
+    def _remove_tmp_dirs(self, step: int) -> list:
+        """Remove step's temporary directories; return those still there (none normally).
+
+        TensorStore's C++ threads may still finish operations the failed save started (the
+        OCDBT manifest and data files of arrays opened before the error) after every Python
+        thread has ended, and they recreate what was removed. No API waits for them, so remove
+        until the directory has stayed clean for `_TMP_QUIET_S` (at most `_TMP_DEADLINE_S`).
+        """
+        if "://" in self.directory:
+            return []
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        start = quiet_since = time.monotonic()
+        while True:
+            found = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+            for name in found:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            now = time.monotonic()
+            if found:
+                quiet_since = now
+            if now - quiet_since >= _TMP_QUIET_S or now - start >= _TMP_DEADLINE_S:
+                return [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+            time.sleep(0.02)
 
     # --------------------------------------------------------------------------- restore
     def saved_hparams(self, step: Optional[int] = None) -> Optional[dict]:

@@ -225,3 +225,25 @@ if given is not None:
         for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
             assert a.dtype == b.dtype and a.shape == b.shape
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tmp_dir_recreated_after_removal_is_removed_again(tmp_path, monkeypatch):
+    """TensorStore's C++ threads can finish a failed save's writes after the removal."""
+    import shutil
+    ck = Checkpointer(tmp_path / "ck")
+    ck.save(_state(1), step=1)
+    late = tmp_path / "ck" / "2.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp" / "d"
+    late.mkdir(parents=True)
+    calls, rmtree = [], shutil.rmtree
+
+    def rmtree_then_late_write(path, **kw):  # the first removal is followed by a late write
+        rmtree(path, **kw)
+        calls.append(path)
+        if len(calls) == 1:
+            late.mkdir(parents=True)
+            (late / "x").write_bytes(b"0")
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_then_late_write)
+    assert ck._remove_tmp_dirs(2) == []
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path / "ck")) == ["1"]
